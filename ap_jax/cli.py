@@ -1,0 +1,186 @@
+"""The `ap-jax` command line (also `python -m ap_jax`).
+
+Each subcommand is a function `cmd_<name>(args)` with an `add_<name>(subparsers)` that declares its flags, so
+later subcommands (train, sample, eval, bench, aot) are one pair each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("ap_jax")
+
+
+def _players(text: str) -> tuple[int, int]:
+  try:
+    if "-" in text:
+      lo, hi = (int(v) for v in text.split("-", 1))
+    else:
+      lo = hi = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"--players {text!r}: expected MIN-MAX (e.g. 2-4) or a single count") from None
+  return lo, hi
+
+
+def _hw(text: str) -> tuple[int, int]:
+  try:
+    parts = [int(v) for v in text.lower().split("x")]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected HxW (e.g. 8x8) or one number") from None
+  if len(parts) == 1:
+    parts = parts * 2
+  if len(parts) != 2 or min(parts) < 1:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected HxW with positive sizes")
+  return parts[0], parts[1]
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def add_data(sub):
+  p = sub.add_parser("data", help="generate multi-player rollouts into a TFDS ArrayRecord dataset",
+                     description="Generate rollouts of the built-in game or Melting Pot substrates (random or "
+                     "sticky-random play) and write them as a TFDS dataset in ArrayRecord format with "
+                     "train/validation/test splits by episode seed. The dataset appears at --out only when complete.")
+  p.add_argument("--source", choices=("builtin", "meltingpot"), default="builtin")
+  p.add_argument("--substrates", default="",
+                 help="comma-separated Melting Pot substrates (meltingpot) or layouts (builtin: "
+                 "open,rooms,corridors,random); empty = all")
+  p.add_argument("--episodes", type=int, default=1000, help="episodes over all splits (80/10/10)")
+  p.add_argument("--steps", type=int, default=16, help="actions per episode (frames = steps + 1)")
+  p.add_argument("--players", type=_players, default=(2, 4), help="player count range MIN-MAX per episode")
+  p.add_argument("--grid", type=_hw, default=(8, 8), help="built-in map size in cells, HxW")
+  p.add_argument("--cell-size", type=int, default=8, help="built-in pixels per cell (Melting Pot uses 8)")
+  p.add_argument("--canvas", type=_hw, default=(256, 256), help="Melting Pot frame canvas in pixels, HxW")
+  p.add_argument("--policy", choices=("uniform", "sticky"), default="sticky")
+  p.add_argument("--sticky-p", type=float, default=0.7, help="probability of repeating the last action")
+  p.add_argument("--seed", type=int, default=0, help="base seed: episode seeds are derived from it per split")
+  p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                 help="processes generating Melting Pot episodes")
+  p.add_argument("--out", required=True, help="dataset directory to create")
+  p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+  p.set_defaults(func=cmd_data)
+
+
+def cmd_data(args) -> int:
+  from ap_jax.data import dataset, tfds_builder
+
+  spec = tfds_builder.GenerationSpec(
+      source=args.source, substrates=tuple(s for s in args.substrates.split(",") if s), episodes=args.episodes,
+      steps=args.steps, players=args.players, grid_hw=args.grid, cell_size=args.cell_size,
+      canvas_hw=args.canvas, policy=args.policy, sticky_p=args.sticky_p, seed=args.seed, workers=args.workers)
+  start = time.time()
+  log.info("generating %d %s episodes of %d steps into %s", spec.episodes, spec.source, spec.steps, args.out)
+  path = dataset.build(spec, args.out, overwrite=args.overwrite)
+  info = dataset.read_info(path)
+  sizes = {s: info.num_episodes(s) for s in sorted(info.split_files)}
+  elapsed = time.time() - start
+  print(f"wrote {path}: {sizes} episodes in {elapsed:.1f}s "
+        f"({spec.episodes * spec.steps / elapsed:.0f} env steps/s including encoding)")
+  return 0
+
+
+# ------------------------------------------------------------------------------------------------ show
+
+
+def add_show(sub):
+  p = sub.add_parser("show", help="render a recorded episode with its labels drawn over, as MP4 or GIF",
+                     description="Render episode K of a dataset split with each player's recorded position "
+                     "(ring in its colour), facing (line) and next action drawn over the frames.")
+  p.add_argument("dataset", help="dataset directory written by `ap-jax data`")
+  p.add_argument("--split", default="train")
+  p.add_argument("--episode", type=int, default=0, help="episode index K within the split")
+  p.add_argument("--scale", type=int, default=4, help="pixel upscaling for viewing")
+  p.add_argument("--fps", type=float, default=4.0)
+  p.add_argument("--out", required=True, help="output .mp4 or .gif")
+  p.set_defaults(func=cmd_show)
+
+
+def cmd_show(args) -> int:
+  from ap_jax import viz
+  from ap_jax.data import dataset
+
+  source = dataset.open_split(args.dataset, args.split)
+  if not 0 <= args.episode < len(source):
+    raise ValueError(f"--episode {args.episode}: split {args.split!r} of {args.dataset} has episodes "
+                     f"0 to {len(source) - 1}")
+  episode = source[args.episode]
+  frames = viz.annotate_episode(episode, scale=args.scale)
+  viz.write_video(frames, args.out, fps=args.fps)
+  print(f"wrote {args.out}: episode {args.episode} (seed {episode['seed']}, {episode['substrate']}, "
+        f"{episode['actions'].shape[1]} players, {len(frames)} frames)")
+  return 0
+
+
+# ------------------------------------------------------------------------------------------------ demo
+
+
+def add_demo(sub):
+  p = sub.add_parser("demo", help="the main job on the built-in game (README's first command)",
+                     description="Generate a small built-in dataset and write a labelled preview video of a "
+                     "rollout. Later stages (train, sample, evaluate) join this job as they land.")
+  p.add_argument("--out", default="out/demo", help="output directory")
+  p.add_argument("--episodes", type=int, default=400)
+  p.add_argument("--steps", type=int, default=16)
+  p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+  from ap_jax import viz
+  from ap_jax.data import dataset, tfds_builder
+
+  os.makedirs(args.out, exist_ok=True)
+  data_dir = os.path.join(args.out, "data", "builtin")
+  start = time.time()
+  spec = tfds_builder.GenerationSpec(episodes=args.episodes, steps=args.steps, players=(2, 4))
+  dataset.build(spec, data_dir, overwrite=True)
+  t_data = time.time() - start
+  source = dataset.open_split(data_dir, "test")
+  episode = source[0]
+  video = viz.write_video(viz.annotate_episode(episode), os.path.join(args.out, "preview.mp4"))
+  results = dict(dataset=data_dir, preview=video, episodes={s: dataset.read_info(data_dir).num_episodes(s)
+                                                            for s in ("train", "validation", "test")},
+                 seconds=dict(data=round(t_data, 2)))
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  print(json.dumps(results, indent=2))
+  return 0
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+COMMANDS = [add_data, add_show, add_demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="ap-jax", description="ap_jax: ActionParty in JAX, a video world model that controls many players "
+      "at once. Subcommands generate data, inspect it, train, sample and evaluate.")
+  parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+  for add in COMMANDS:
+    add(sub)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+  for noisy in ("absl", "jax._src", "tensorflow_datasets"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  try:
+    return int(args.func(args) or 0)
+  except (ValueError, FileExistsError, FileNotFoundError) as e:
+    print(f"ap-jax {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

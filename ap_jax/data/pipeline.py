@@ -1,0 +1,228 @@
+"""The Grain input pipeline: stored (or live-generated) episodes -> padded, normalised training clips.
+
+Stages, in order (each deterministic given `PipelineConfig.seed`, so a restored iterator state reproduces exactly
+the batches that would have come next):
+
+  1. source          `EpisodeSource` (a TFDS ArrayRecord split) or `LiveEpisodeSource` (the built-in game,
+                     generating episodes on the fly from per-index seeds, so runs never repeat data)
+  2. shard           each JAX process reads a disjoint, interleaved slice of the episodes (`ds[i::n]`)
+  3. shuffle, repeat a global shuffle per epoch (stored sources only), repeated `num_epochs` times (None: forever)
+  4. clip            a random window of `clip_steps` actions (`clip_steps + 1` frames) from each episode; player
+                     slots padded to `max_players` with a mask; optionally a random permutation of the slots, so
+                     slot identity cannot be memorised (a player's colour is the only stable identity)
+  5. normalise       frames to float32 in [-1, 1] (or kept uint8 with `frames_dtype='uint8'`)
+  6. batch           `global_batch_size / process_count` clips per process
+  7. prefetch        threads (`read_threads`) and optionally processes (`worker_count`, via `mp_prefetch`)
+
+A clip (dimension letters: B batch, T = clip_steps, P = max_players, H, W pixels):
+
+  frames        float32 [B, T+1, H, W, 3] in [-1, 1]
+  actions       int32   [B, T, P]        padded slots: NOOP
+  positions     float32 [B, T+1, P, 2]   pixel centres (y, x); padded slots: 0
+  orientations  int32   [B, T+1, P]      padded slots: 0
+  player_mask   bool    [B, P]
+  colors        uint8   [B, P, 3]        padded slots: 0
+  num_players   int32   [B]
+  seed          int64   [B]              the episode's seed
+  start         int32   [B]              the window's first frame in the episode
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Protocol
+
+import grain
+import numpy as np
+
+from ap_jax import actions as A
+
+LIVE_SEED_OFFSET = 300_000_000  # live episodes never share seeds with stored splits (see tfds_builder)
+
+
+class RandomAccessSource(Protocol):
+
+  def __len__(self) -> int:
+    ...
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  clip_steps: int = 4
+  max_players: int = A.MAX_PLAYERS
+  global_batch_size: int = 8
+  shuffle: bool = True
+  permute_players: bool = True
+  seed: int = 0
+  num_epochs: int | None = None
+  frames_dtype: str = "float32"
+  drop_remainder: bool = True
+  read_threads: int = 2
+  prefetch_buffer_size: int = 8
+  worker_count: int = 0  # > 0: Python worker processes via grain's mp_prefetch
+  worker_buffer_size: int = 2
+
+
+class ClipTransform(grain.transforms.RandomMap):
+  """Cuts a random window from an episode, pads player slots, permutes them, and normalises frames."""
+
+  def __init__(self, config: PipelineConfig):
+    self.config = config
+
+  def random_map(self, episode: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    return make_clip(episode, self.config, rng)
+
+
+def make_clip(episode: dict[str, Any], config: PipelineConfig, rng: np.random.Generator | None = None,
+              start: int | None = None) -> dict[str, Any]:
+  """One training clip from one episode (see the module docstring for the layout)."""
+  t, p_max = config.clip_steps, config.max_players
+  actions = np.asarray(episode["actions"])
+  steps, players = actions.shape
+  if t > steps:
+    raise ValueError(f"clip_steps = {t} is longer than the episode (seed {episode.get('seed')}), which has "
+                     f"{steps} steps; expected clip_steps <= {steps}")
+  if players > p_max:
+    raise ValueError(f"episode seed {episode.get('seed')} has {players} players, but max_players = {p_max}")
+  if start is None:
+    start = int(rng.integers(0, steps - t + 1)) if rng is not None else 0
+  frames = np.asarray(episode["frames"])[start:start + t + 1]
+
+  def pad(x, fill=0):  # per-player arrays here are [time, player, ...]
+    x = np.asarray(x)
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, p_max - players)
+    return np.pad(x, widths, constant_values=fill)
+
+  clip_actions = pad(actions[start:start + t], A.NOOP)
+  positions = pad(np.asarray(episode["positions"])[start:start + t + 1])
+  orientations = pad(np.asarray(episode["orientations"])[start:start + t + 1])
+  mask = np.arange(p_max) < players
+  colors = np.pad(np.asarray(episode["colors"], np.uint8), [(0, p_max - players), (0, 0)])
+  if config.permute_players and rng is not None:
+    perm = rng.permutation(p_max)
+    clip_actions, positions, orientations = clip_actions[:, perm], positions[:, perm], orientations[:, perm]
+    mask, colors = mask[perm], colors[perm]
+  if config.frames_dtype == "float32":
+    frames = frames.astype(np.float32) * (2.0 / 255.0) - 1.0
+  elif config.frames_dtype != "uint8":
+    raise ValueError(f"frames_dtype = {config.frames_dtype!r}, expected 'float32' or 'uint8'")
+  return dict(
+      frames=frames,
+      actions=clip_actions.astype(np.int32),
+      positions=positions.astype(np.float32),
+      orientations=orientations.astype(np.int32),
+      player_mask=mask,
+      colors=colors,
+      num_players=np.int32(players),
+      seed=np.int64(episode["seed"]),
+      start=np.int32(start),
+  )
+
+
+class LiveEpisodeSource:
+  """Built-in game episodes generated on demand: index i of process k (of n) is episode seed
+  `seed + LIVE_SEED_OFFSET + i * n + k`, so processes (and Grain workers, which read disjoint indices) never
+  produce the same episode, and every episode is reproducible from its index.
+
+  Episodes are generated `chunk` at a time with one vmapped call and cached, since Grain reads indices in order
+  when the stored-source shuffle is off (live episodes are already random, so they are not shuffled).
+  """
+
+  def __init__(self, spec, *, process_index: int = 0, process_count: int = 1, length: int = 2**31 - 1,
+               chunk: int = 8):
+    from ap_jax.data import tfds_builder
+
+    if spec.source != "builtin":
+      raise ValueError(f"the live source generates built-in game episodes only, got source {spec.source!r}")
+    self.spec = tfds_builder.check_spec(spec)
+    self.process_index, self.process_count = process_index, process_count
+    self._length = length
+    self._chunk = chunk
+    self._cache: collections.OrderedDict[int, list[dict[str, Any]]] = collections.OrderedDict()
+
+  def __len__(self) -> int:
+    return self._length
+
+  def seed_of(self, index: int) -> int:
+    return self.spec.seed + LIVE_SEED_OFFSET + index * self.process_count + self.process_index
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    from ap_jax.data import tfds_builder
+
+    if not 0 <= index < self._length:
+      raise IndexError(f"live episode index {index} out of range [0, {self._length})")
+    chunk_id = index // self._chunk
+    if chunk_id not in self._cache:
+      first = chunk_id * self._chunk
+      seeds = [self.seed_of(i) for i in range(first, min(first + self._chunk, self._length))]
+      spec = dataclasses.replace(self.spec, chunk=self._chunk)
+      self._cache[chunk_id] = list(tfds_builder.generate(spec, seeds))
+      while len(self._cache) > 4:
+        self._cache.popitem(last=False)
+    return self._cache[chunk_id][index - chunk_id * self._chunk]
+
+  def __repr__(self) -> str:
+    return f"LiveEpisodeSource(process {self.process_index}/{self.process_count}, {self.spec})"
+
+
+def make_dataset(source: RandomAccessSource, config: PipelineConfig, *, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+  """Builds the Grain pipeline for this process. Iterate it with `iter(...)`; the iterator has
+  `get_state()`/`set_state()` for checkpointing."""
+  if process_index is None or process_count is None:
+    import jax
+
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index = {process_index}, expected 0 <= index < process_count = {process_count}")
+  if config.global_batch_size % process_count:
+    raise ValueError(f"global_batch_size = {config.global_batch_size} does not divide over {process_count} "
+                     "processes; expected a multiple of the process count")
+  if not 1 <= config.max_players <= A.MAX_PLAYERS:
+    raise ValueError(f"max_players = {config.max_players}, expected 1 to {A.MAX_PLAYERS}")
+  if config.clip_steps < 1:
+    raise ValueError(f"clip_steps = {config.clip_steps}, expected at least 1")
+  info = getattr(source, "info", None)
+  if info is not None:
+    gen = info.generation
+    if config.clip_steps > info.steps:
+      raise ValueError(f"clip_steps = {config.clip_steps} is longer than the episodes of {info.path}, which have "
+                       f"{info.steps} steps; expected clip_steps <= {info.steps}")
+    if gen.get("players") and gen["players"][1] > config.max_players:
+      raise ValueError(f"{info.path} has episodes with up to {gen['players'][1]} players, but max_players = "
+                       f"{config.max_players}")
+  live = isinstance(source, LiveEpisodeSource)
+  if live and config.clip_steps > source.spec.steps:
+    raise ValueError(f"clip_steps = {config.clip_steps} is longer than live episodes of {source.spec.steps} steps")
+  local_batch = config.global_batch_size // process_count
+
+  ds = grain.MapDataset.source(source)
+  if not live:  # the live source shards itself by seed
+    if len(ds) < process_count:
+      raise ValueError(f"{len(ds)} episodes cannot be split over {process_count} processes")
+    ds = ds[process_index::process_count]
+  ds = ds.seed(config.seed + 7919 * process_index)
+  if config.shuffle and not live:
+    ds = ds.shuffle()
+  if not live:
+    ds = ds.repeat(config.num_epochs)
+  ds = ds.random_map(ClipTransform(config))
+  ds = ds.batch(local_batch, drop_remainder=config.drop_remainder)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                            prefetch_buffer_size=config.prefetch_buffer_size))
+  if config.worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count,
+                                                     per_worker_buffer_size=config.worker_buffer_size))
+  return it
+
+
+def global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
+  """Assembles each process's local batch into global jax.Arrays laid out by `sharding` (batch-leading)."""
+  import jax
+
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
