@@ -1,0 +1,116 @@
+"""Model configs ("tiny", "small", "base") as ml_collections ConfigDicts; one code path serves all of them.
+
+`get_model_config(name)` returns a ConfigDict with three groups:
+  vae   the per-frame convolutional autoencoder (stage 1)
+  dit   the latent diffusion transformer and its subject tokens (stage 2), with the baseline/ablation switches
+  flow  the rectified-flow schedule, time sampling and loss weights
+
+Sizes (parameter counts from `ap_jax.model.count_params`, FLOPs from `ap_jax.model.flops`) are in the README.
+  tiny   64x64 frames -> VAE 4x -> 16x16x8 latents -> patch 2 -> 8x8 tokens per frame (one per 8-px grid
+         cell of the built-in game); DiT width 128, 4 blocks, 4 heads. Trains on 2 CPU cores in minutes.
+  small  VAE 4x, DiT width 384, 8 blocks, 6 heads: a single-GPU / small-TPU model.
+  base   VAE 8x with 16 latent channels (Wan2.1's VAE shape), DiT shaped like Wan2.1-T2V-1.3B: 30 blocks,
+         width 1536, 12 heads, MLP 8960.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ap_jax import actions as actions_lib
+
+MODEL_NAMES = ("tiny", "small", "base")
+
+
+def _vae(channels: int, channel_mult: tuple[int, ...], latent_channels: int, num_res_blocks: int):
+  return ml_collections.ConfigDict(dict(
+      channels=channels,  # width of the first conv stage
+      channel_mult=channel_mult,  # one entry per resolution; compression = 2 ** (len - 1)
+      latent_channels=latent_channels,
+      num_res_blocks=num_res_blocks,
+      norm_groups=8,
+      # Reconstruction loss for flat-colour pixel art: L1 (median-seeking, keeps edges and flat colours exact)
+      # plus a small MSE term that punishes the rare large errors (a missing sprite) harder.
+      l1_weight=1.0,
+      mse_weight=0.25,
+      # Per-element KL weight. Small, as in SD / Wan VAEs: we want a well-behaved latent scale, not a prior.
+      kl_weight=1e-5,
+      # Latents handed to the denoiser are (mean - latent_shift) * latent_scale; set after stage 1 from latent
+      # statistics (ap_jax.model.vae.latent_statistics) so the denoiser sees roughly unit variance.
+      latent_scale=1.0,
+      latent_shift=0.0,
+      dtype="float32",
+  ))
+
+
+def _dit(width: int, depth: int, heads: int, mlp: int, patch_size: int):
+  return ml_collections.ConfigDict(dict(
+      width=width,
+      depth=depth,
+      heads=heads,
+      mlp=mlp,
+      patch_size=patch_size,
+      freq_dim=256,  # sinusoidal time-embedding width (Wan2.1)
+      rope_theta=10000.0,
+      coord_freqs=16,  # Fourier features per coordinate for the subject-token embedding
+      eps=1e-6,
+      # ---- the mechanism and its baseline / ablation switches (PAPER.md "The mechanism")
+      subject_tokens=True,  # False: "actions as text" baseline, all players' actions as one global conditioning
+      subject_isolation=True,  # subject tokens never attend to other subjects' tokens
+      masked_cross_attention=True,  # subject token i reads only player i's actions
+      frame_wise=False,  # True: ... and only the action of its own time step
+      subject_rope=True,  # subject token's rotary (y, x) = its current noisy coordinates
+      slot_embedding=False,  # learned per-slot embedding (breaks permutation equivariance; see dit.py)
+      # ---- implementation
+      attention_impl="xla",  # xla (dense mask, any device) | cudnn (jax.nn.dot_product_attention) | splash (TPU)
+      scan_layers=True,
+      remat_policy="none",  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+      dtype="float32",  # compute dtype; params stay param_dtype
+      param_dtype="float32",
+  ))
+
+
+def _flow():
+  return ml_collections.ConfigDict(dict(
+      shift=3.0,  # Wan-style timestep shift t' = s t / (1 + (s - 1) t): more time at high noise
+      time_sampling="logit_normal",  # logit_normal | uniform
+      num_context_frames=1,  # clean-ish conditioning frames at the start of each clip
+      context_noise_max=0.1,  # context frames get t ~ U[0, context_noise_max] (diffusion forcing, anti-drift)
+      independent_frame_times=False,  # True: each target frame draws its own t (full diffusion forcing)
+      coord_loss_weight=1.0,
+  ))
+
+
+def get_model_config(name: str = "tiny") -> ml_collections.ConfigDict:
+  """The named model config: "tiny", "small" or "base"."""
+  if name == "tiny":
+    vae = _vae(channels=32, channel_mult=(1, 2, 2), latent_channels=8, num_res_blocks=1)
+    dit = _dit(width=128, depth=4, heads=4, mlp=512, patch_size=2)
+  elif name == "small":
+    vae = _vae(channels=64, channel_mult=(1, 2, 2), latent_channels=8, num_res_blocks=2)
+    dit = _dit(width=384, depth=8, heads=6, mlp=1536, patch_size=2)
+  elif name == "base":
+    vae = _vae(channels=96, channel_mult=(1, 2, 4, 4), latent_channels=16, num_res_blocks=2)
+    dit = _dit(width=1536, depth=30, heads=12, mlp=8960, patch_size=2)
+    dit.dtype = "bfloat16"
+    dit.remat_policy = "dots_with_no_batch_dims_saveable"
+  else:
+    raise ValueError(f"unknown model config {name!r}, expected one of {MODEL_NAMES}")
+  return ml_collections.ConfigDict(dict(
+      name=name,
+      max_players=actions_lib.MAX_PLAYERS,
+      num_actions=actions_lib.NUM_ACTIONS,
+      vae=vae,
+      dit=dit,
+      flow=_flow(),
+  ))
+
+
+def compression(config: ml_collections.ConfigDict) -> int:
+  """Pixels per latent cell (the VAE's spatial stride)."""
+  return 2 ** (len(config.vae.channel_mult) - 1)
+
+
+def pixels_per_token(config: ml_collections.ConfigDict) -> int:
+  """Pixels per video token side: VAE stride times DiT patch size."""
+  return compression(config) * config.dit.patch_size

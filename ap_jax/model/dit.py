@@ -1,0 +1,424 @@
+"""The latent denoiser: a Wan2.1-style causal DiT over video latents plus ActionParty's subject tokens.
+
+Dimension letters: B batch, F latent frames (= T + 1: one latent frame per game frame), T actions, P subject
+slots, h, w latent grid, c latent channels, Y, X token grid (h, w over patch size), N = Y X video tokens per
+frame, Q = N + P tokens per frame, L = F Q sequence length, S action entries (P F), C width, K heads, D head
+width, M MLP width.
+
+Sequence. Each frame contributes its N video tokens (patchified latents) then its P subject tokens (one per
+slot, embedding that subject's noisy coordinates). One joint self-attention runs over all F Q tokens.
+
+Block (Wan2.1): adaLN-modulated self-attention with 3D RoPE and q/k RMSNorm, then cross-attention (LayerNorm
+with affine, no modulation) to the action entries, then an adaLN-modulated GELU MLP. Modulation comes from each
+frame's own flow time (per-frame t: diffusion forcing), so all Q tokens of frame f share frame f's modulation.
+
+Masks (see attention.py): time-causal at frame granularity everywhere (a frame sees itself and the past, so the
+same weights serve chunked autoregressive generation); subject tokens never see other subjects' tokens
+(subject_isolation); subject token i reads only player i's action entries (masked_cross_attention), entries up
+to its frame, or only its own frame's entry (frame_wise). Padded slots are masked out of every key set.
+
+Coordinates. `coords` are subject positions normalised to [-1, 1] over the canvas: c = 2 pixel / size - 1
+(positions_to_coords). They are noised and denoised like the latents. A subject token's rotary position is
+(f, y, x) with (y, x) = its current noisy coordinates in token-grid units, (c + 1) / 2 * (Y, X) - 1/2, so a
+subject centred on video token (i, j) rotates exactly like that token (fractional positions allowed).
+
+Choices the paper leaves open (our reading):
+- Video tokens do not cross-attend to actions when subject tokens exist: actions reach the frame only through
+  the subject tokens' self-attention, which is what makes the binding explicit. Without masked
+  cross-attention the subject tokens read every player's actions (the ablation changes only the mask).
+- No learned per-slot embedding by default (`slot_embedding=False`): the data pipeline permutes slots at random,
+  so a slot index says nothing about which sprite it is; identity comes from the isolation mask and the
+  coordinates, and the model is exactly equivariant to slot permutations.
+- `subject_rope=False` removes only the spatial (y, x) rotation of subject tokens; the temporal one stays, so the
+  ablation isolates the spatial biasing.
+- The "actions as text" baseline (subject_tokens=False): video tokens cross-attend to every player's action
+  entries, each entry = action embedding + an embedding of that player's context-frame position (the task
+  gives every subject's initial state; without it the baseline could not know which sprite an action is for).
+- Action entries get temporal RoPE in cross-attention (query at frame f, entry at frame f'), so "the latest
+  action" is a relative notion and sliding windows need no absolute frame index.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ap_jax.model import attention as attn_lib
+from ap_jax.model import config as config_lib
+from ap_jax.model import flow as flow_lib
+from ap_jax.model import layers
+from ap_jax.model import rope as rope_lib
+from ap_jax.model.layers import ParamSpec
+from ap_jax.model.sharding import constrain
+
+Params = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------------- params
+
+def _attention_specs(width: int, heads: int) -> dict:
+  head_dim = width // heads
+  proj = lambda: {
+      "kernel": ParamSpec((width, heads, head_dim), ("embed", "heads", "kv"), "normal", fan_in=width),
+      "bias": ParamSpec((heads, head_dim), ("heads", "kv"), "zeros"),
+  }
+  return {
+      "query": proj(), "key": proj(), "value": proj(),
+      "out": {
+          "kernel": ParamSpec((heads, head_dim, width), ("heads", "kv", "embed"), "normal", fan_in=width),
+          "bias": ParamSpec((width,), ("embed",), "zeros"),
+      },
+      # Wan2.1 normalises q and k with one RMSNorm over all heads jointly.
+      "norm_q": ParamSpec((heads, head_dim), ("heads", "kv"), "ones"),
+      "norm_k": ParamSpec((heads, head_dim), ("heads", "kv"), "ones"),
+  }
+
+
+def _mlp2_specs(d_in: int, width: int) -> dict:
+  return {"fc1": layers.dense_spec(d_in, width, None, "embed"), "fc2": layers.dense_spec(width, width, "embed", None)}
+
+
+def param_specs(config: ml_collections.ConfigDict) -> dict:
+  """The DiT's ParamSpec tree (shapes, logical axes, initialisers)."""
+  d = config.dit
+  width, heads = d.width, d.heads
+  if width % heads:
+    raise ValueError(f"dit.width = {width} is not divisible by dit.heads = {heads}")
+  rope_lib.rope_split(width // heads)  # validates the head width
+  patch_dim = d.patch_size ** 2 * config.vae.latent_channels
+  block = {
+      "modulation": ParamSpec((6, width), (None, "embed"), "embedding", scale=1.0 / math.sqrt(width)),
+      "self_attn": _attention_specs(width, heads),
+      "norm_cross": {"scale": ParamSpec((width,), ("embed",), "ones"),
+                     "bias": ParamSpec((width,), ("embed",), "zeros")},
+      "cross_attn": _attention_specs(width, heads),
+      "mlp": {"fc1": layers.dense_spec(width, d.mlp, "embed", "mlp"),
+              "fc2": layers.dense_spec(d.mlp, width, "mlp", "embed")},
+  }
+  specs = {
+      "patch_embed": layers.dense_spec(patch_dim, width, "patch", "embed"),
+      "time_embed": {"fc1": layers.dense_spec(d.freq_dim, width, None, "embed"),
+                     "fc2": layers.dense_spec(width, width, "embed", None)},
+      "time_proj": layers.dense_spec(width, 6 * width, "embed", "mlp"),
+      # Row num_actions is the START entry (frame 0 has no action before it).
+      "action_embed": ParamSpec((config.num_actions + 1, width), ("vocab", "embed"), "embedding", scale=1.0),
+      "blocks": layers.stack_specs(block, d.depth),
+      "head": {
+          "modulation": ParamSpec((2, width), (None, "embed"), "embedding", scale=1.0 / math.sqrt(width)),
+          "out": layers.dense_spec(width, patch_dim, "embed", "patch"),
+      },
+  }
+  coord_in = 2 + 4 * d.coord_freqs
+  if d.subject_tokens:
+    specs["coord_embed"] = _mlp2_specs(coord_in, width)
+    specs["coord_head"] = layers.dense_spec(width, 2, "embed", None)
+    if d.slot_embedding:
+      specs["slot_embed"] = ParamSpec((config.max_players, width), ("subjects", "embed"), "embedding", scale=1.0)
+  else:
+    specs["player_coord_embed"] = _mlp2_specs(coord_in, width)
+  return specs
+
+
+def init(rng: jax.Array, config: ml_collections.ConfigDict) -> Params:
+  """Draws the denoiser's parameters: a plain dict pytree of float arrays (dit.param_dtype)."""
+  return layers.init_from_specs(rng, param_specs(config), jnp.dtype(config.dit.param_dtype))
+
+
+def param_logical_axes(config: ml_collections.ConfigDict):
+  """Same structure as `init`'s params; leaves are PartitionSpecs of logical axis names (see sharding.py)."""
+  return layers.axes_from_specs(param_specs(config))
+
+
+# ----------------------------------------------------------------------------------------------- coordinates
+
+def positions_to_coords(positions_px: jax.Array, canvas_hw: tuple[int, int]) -> jax.Array:
+  """Pixel centres (y, x) -> coordinates normalised to [-1, 1] over the canvas: 2 p / size - 1."""
+  size = jnp.asarray(canvas_hw, jnp.float32)
+  return 2.0 * positions_px.astype(jnp.float32) / size - 1.0
+
+
+def coords_to_positions(coords: jax.Array, canvas_hw: tuple[int, int]) -> jax.Array:
+  """Inverse of positions_to_coords."""
+  size = jnp.asarray(canvas_hw, jnp.float32)
+  return (coords.astype(jnp.float32) + 1.0) * 0.5 * size
+
+
+def coords_to_token_grid(coords: jax.Array, grid_yx: tuple[int, int]) -> jax.Array:
+  """Normalised coordinates -> token-grid units, where the centre of video token (i, j) is exactly (i, j)."""
+  grid = jnp.asarray(grid_yx, jnp.float32)
+  return (coords.astype(jnp.float32) + 1.0) * 0.5 * grid - 0.5
+
+
+def _coord_features(coords: jax.Array, num_freqs: int) -> jax.Array:
+  """[..., 2] -> [..., 2 + 4 num_freqs]: the raw coordinates and sin/cos at octave frequencies (pi to 64 pi),
+  fine enough to tell apart cells of a 64-wide grid."""
+  freqs = jnp.pi * 2.0 ** jnp.linspace(0.0, 6.0, num_freqs)
+  args = coords[..., None] * freqs  # [..., 2, n]
+  feats = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1).reshape(coords.shape[:-1] + (-1,))
+  return jnp.concatenate([coords, feats], axis=-1)
+
+
+def _mlp2(p: Params, x: jax.Array, dtype) -> jax.Array:
+  return layers.dense(p["fc2"], jax.nn.silu(layers.dense(p["fc1"], x, dtype)), dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- layers
+
+def _project(p: Params, x: jax.Array, dtype) -> jax.Array:
+  """[..., C] -> [..., K, D]."""
+  y = jnp.einsum("...c,ckd->...kd", x.astype(dtype), p["kernel"].astype(dtype))
+  return y + p["bias"].astype(dtype)
+
+
+def _attend(p: Params, x_q: jax.Array, x_kv: jax.Array, angles_q: jax.Array, angles_k: jax.Array,
+            mask: attn_lib.Mask, impl: str, dtype, eps: float) -> jax.Array:
+  """Projection, q/k RMSNorm, RoPE, masked attention and output projection. x_q [B, L, C], x_kv [B, S, C];
+  angles [B, L or S, D/2]."""
+  q = layers.rms_norm(_project(p["query"], x_q, dtype), p["norm_q"], axes=(-2, -1), eps=eps)
+  k = layers.rms_norm(_project(p["key"], x_kv, dtype), p["norm_k"], axes=(-2, -1), eps=eps)
+  v = _project(p["value"], x_kv, dtype)
+  q = rope_lib.apply_rope(q, angles_q[:, :, None, :]).astype(dtype)
+  k = rope_lib.apply_rope(k, angles_k[:, :, None, :]).astype(dtype)
+  names = ("batch", "length", "heads", "kv")
+  q, k, v = constrain(q, names), constrain(k, names), constrain(v, names)
+  out = attn_lib.attention(q, k, v, mask, impl)
+  out = constrain(out.astype(dtype), names)
+  y = jnp.einsum("blkd,kdc->blc", out, p["out"]["kernel"].astype(dtype))
+  return y + p["out"]["bias"].astype(dtype)
+
+
+def _block(x_BFQC: jax.Array, p: Params, ctx: dict) -> jax.Array:
+  """One DiT block on the joint sequence, kept as [B, F, Q, C] so per-frame modulation broadcasts."""
+  dtype, eps, impl = ctx["dtype"], ctx["eps"], ctx["impl"]
+  b, f, q_per_frame, c = x_BFQC.shape
+  n = ctx["video_tokens"]
+  mod = ctx["mod_BF6C"] + p["modulation"].astype(jnp.float32)  # float32 modulation, as Wan
+  shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = [mod[:, :, i, None, :] for i in range(6)]
+
+  h = layers.layer_norm(x_BFQC, eps=eps) * (1.0 + scale_msa) + shift_msa
+  h = h.reshape(b, f * q_per_frame, c)
+  y = _attend(p["self_attn"], h, h, ctx["self_angles"], ctx["self_angles"], ctx["self_mask"], impl, dtype, eps)
+  x_BFQC = x_BFQC + (y.reshape(b, f, q_per_frame, c).astype(jnp.float32) * gate_msa).astype(x_BFQC.dtype)
+
+  # Cross-attention: only the query tokens that read actions (subject tokens, or video tokens in the baseline).
+  h = layers.layer_norm(x_BFQC, p["norm_cross"]["scale"], p["norm_cross"]["bias"], eps=eps)
+  if ctx["cross_on_subjects"]:
+    h_q = h[:, :, n:].reshape(b, f * (q_per_frame - n), c)
+  else:
+    h_q = h[:, :, :n].reshape(b, f * n, c)
+  y = _attend(p["cross_attn"], h_q, ctx["actions_BSC"], ctx["cross_angles_q"], ctx["cross_angles_k"],
+              ctx["cross_mask"], impl, dtype, eps).astype(x_BFQC.dtype)
+  if ctx["cross_on_subjects"]:
+    x_BFQC = jnp.concatenate([x_BFQC[:, :, :n], x_BFQC[:, :, n:] + y.reshape(b, f, q_per_frame - n, c)], axis=2)
+  else:
+    x_BFQC = jnp.concatenate([x_BFQC[:, :, :n] + y.reshape(b, f, n, c), x_BFQC[:, :, n:]], axis=2)
+
+  h = layers.layer_norm(x_BFQC, eps=eps) * (1.0 + scale_mlp) + shift_mlp
+  h = layers.dense(p["mlp"]["fc1"], h, dtype)
+  h = constrain(jax.nn.gelu(h, approximate=True), ("batch", "frames", "length", "mlp"))
+  h = layers.dense(p["mlp"]["fc2"], h, dtype)
+  x_BFQC = x_BFQC + (h.astype(jnp.float32) * gate_mlp).astype(x_BFQC.dtype)
+  return constrain(x_BFQC, ("batch", "frames", "length", "embed"))
+
+
+# ----------------------------------------------------------------------------------------------------- apply
+
+def _check_inputs(config, inputs) -> None:
+  latents = inputs["latents"]
+  if latents.ndim != 5:
+    raise ValueError(f"inputs['latents'] has shape {latents.shape}, expected [B, F, h, w, c]")
+  b, f, h, w, c = latents.shape
+  ps = config.dit.patch_size
+  if c != config.vae.latent_channels:
+    raise ValueError(f"inputs['latents'] has {c} channels, expected vae.latent_channels = "
+                     f"{config.vae.latent_channels}")
+  if h % ps or w % ps:
+    raise ValueError(f"latent grid {h}x{w} is not divisible by dit.patch_size = {ps}")
+  expect = {"times": (b, f), "actions": (b, f - 1, config.max_players), "player_mask": (b, config.max_players)}
+  if config.dit.subject_tokens:
+    expect["coords"] = (b, f, config.max_players, 2)
+  else:
+    expect["initial_coords"] = (b, config.max_players, 2)
+  for key, shape in expect.items():
+    if key not in inputs:
+      raise ValueError(f"inputs lacks {key!r}; expected an array of shape {list(shape)}")
+    if tuple(inputs[key].shape) != shape:
+      raise ValueError(f"inputs[{key!r}] has shape {tuple(inputs[key].shape)}, expected {list(shape)} "
+                       f"(B={b}, F={f} latent frames, F-1 actions, P={config.max_players} slots)")
+
+
+def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Predicts flow velocities for noisy latents (and noisy subject coordinates). Pure and jittable.
+
+  inputs:
+    latents         [B, F, h, w, c]  noisy latents x_t (frame f at noise level times[:, f])
+    times           [B, F]           flow time per frame (0 = clean, 1 = noise)
+    actions         [B, F-1, P] int  action t takes frame t to t+1; padded slots ignored
+    player_mask     [B, P] bool      real players
+    coords          [B, F, P, 2]     noisy normalised coordinates (subject_tokens=True)
+    initial_coords  [B, P, 2]        clean normalised context-frame coordinates (subject_tokens=False baseline)
+  Returns {"video": [B, F, h, w, c] float32 velocity, "coords": [B, F, P, 2] float32 velocity (zero in padded
+  slots; absent without subject tokens)}.
+  """
+  _check_inputs(config, inputs)
+  d = config.dit
+  dtype = layers.compute_dtype(d.dtype)
+  latents = inputs["latents"]
+  b, f, h, w, c = latents.shape
+  ps, width, heads = d.patch_size, d.width, d.heads
+  head_dim = width // heads
+  gy, gx = h // ps, w // ps
+  n = gy * gx
+  num_slots = config.max_players if d.subject_tokens else 0
+  player_mask = inputs["player_mask"].astype(bool)
+
+  # Video tokens: patchify [B, F, h, w, c] -> [B, F, N, ps ps c] -> [B, F, N, C].
+  patches = latents.reshape(b, f, gy, ps, gx, ps, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, f, n, ps * ps * c)
+  video = layers.dense(params["patch_embed"], patches, dtype)
+  grid_t, grid_y, grid_x = np.meshgrid(np.arange(f), np.arange(gy), np.arange(gx), indexing="ij")
+  video_pos = jnp.asarray(np.stack([grid_t, grid_y, grid_x], -1).reshape(f, n, 3), jnp.float32)
+  video_pos = jnp.broadcast_to(video_pos, (b, f, n, 3))
+
+  # Time: sinusoid -> MLP -> e [B, F, C]; block modulation e0 [B, F, 6, C] (Wan2.1).
+  t_emb = layers.sinusoidal_embedding(inputs["times"].astype(jnp.float32) * 1000.0, d.freq_dim)
+  e = _mlp2(params["time_embed"], t_emb, jnp.float32)
+  e0 = layers.dense(params["time_proj"], jax.nn.silu(e), jnp.float32).reshape(b, f, 6, width)
+
+  # Action entries [B, P, F]: START then the actions; embedded and flattened slot-major to [B, P F, C].
+  start = jnp.full((b, 1, config.max_players), config.num_actions, jnp.int32)
+  entries_BFP = jnp.concatenate([start, inputs["actions"].astype(jnp.int32)], axis=1)
+  action_tok = jnp.take(params["action_embed"], entries_BFP.transpose(0, 2, 1), axis=0).astype(dtype)  # [B,P,F,C]
+
+  if d.subject_tokens:
+    coords = inputs["coords"].astype(jnp.float32)
+    subj = _mlp2(params["coord_embed"], _coord_features(coords, d.coord_freqs), dtype)  # [B, F, P, C]
+    if d.slot_embedding:
+      subj = subj + params["slot_embed"].astype(dtype)
+    x = jnp.concatenate([video, subj], axis=2)
+    subj_yx = coords_to_token_grid(coords, (gy, gx))
+    if not d.subject_rope:
+      subj_yx = jnp.zeros_like(subj_yx)  # no spatial rotation: angles 0 for y and x
+    subj_t = jnp.broadcast_to(jnp.arange(f, dtype=jnp.float32)[None, :, None, None], (b, f, num_slots, 1))
+    pos = jnp.concatenate([video_pos, jnp.concatenate([subj_t, subj_yx], -1)], axis=2)
+  else:
+    player = _mlp2(params["player_coord_embed"], _coord_features(inputs["initial_coords"], d.coord_freqs), dtype)
+    action_tok = action_tok + player[:, :, None, :]
+    x = video
+    pos = video_pos
+  q_per_frame = n + num_slots
+  x = constrain(x.astype(dtype), ("batch", "frames", "length", "embed"))
+  self_angles = rope_lib.rope_angles(pos.reshape(b, f * q_per_frame, 3), head_dim, d.rope_theta)
+
+  # Masks: static layout part + padding segment ids (attention.py).
+  self_layout = attn_lib.self_attention_layout(f, n, num_slots)
+  self_seg = attn_lib.segment_ids(self_layout, player_mask)
+  self_mask = attn_lib.Mask(attn_lib.static_mask(self_layout, self_layout, subject_isolation=d.subject_isolation),
+                            self_seg, self_seg)
+  key_layout = attn_lib.action_layout(f, config.max_players)
+  if d.subject_tokens:
+    query_layout = attn_lib.subject_query_layout(f, num_slots)
+    same_subject = d.masked_cross_attention
+  else:
+    query_layout = attn_lib.video_query_layout(f, n)
+    same_subject = False
+  cross_mask = attn_lib.Mask(
+      attn_lib.static_mask(query_layout, key_layout, frame_wise=d.frame_wise, same_subject=same_subject),
+      attn_lib.segment_ids(query_layout, player_mask), attn_lib.segment_ids(key_layout, player_mask))
+  # Temporal-only RoPE in cross-attention: (frame, 0, 0) rotates only the t pairs.
+  time_pos = lambda frames: jnp.broadcast_to(
+      jnp.stack([jnp.asarray(frames, jnp.float32)] + [jnp.zeros(len(frames), jnp.float32)] * 2, -1),
+      (b, len(frames), 3))
+  ctx = dict(
+      dtype=dtype, eps=d.eps, impl=d.attention_impl, video_tokens=n, mod_BF6C=e0,
+      self_angles=self_angles, self_mask=self_mask,
+      cross_on_subjects=d.subject_tokens, actions_BSC=action_tok.reshape(b, -1, width),
+      cross_angles_q=rope_lib.rope_angles(time_pos(query_layout.frame), head_dim, d.rope_theta),
+      cross_angles_k=rope_lib.rope_angles(time_pos(key_layout.frame), head_dim, d.rope_theta),
+      cross_mask=cross_mask)
+
+  def body(carry, block_params):
+    return _block(carry, block_params, ctx), None
+
+  body = layers.remat(body, d.remat_policy)
+  if d.scan_layers:
+    x, _ = jax.lax.scan(body, x, params["blocks"])
+  else:
+    for i in range(d.depth):
+      x, _ = body(x, jax.tree.map(lambda a: a[i], params["blocks"]))
+
+  # Head (Wan2.1): LayerNorm, modulation by e, linear; then unpatchify.
+  head_mod = e[:, :, None, :] + params["head"]["modulation"].astype(jnp.float32)  # [B, F, 2, C]
+  shift, scale = head_mod[:, :, None, 0], head_mod[:, :, None, 1]
+  y = layers.layer_norm(x, eps=d.eps) * (1.0 + scale) + shift
+  video_out = layers.dense(params["head"]["out"], y[:, :, :n], jnp.float32)
+  video_out = video_out.reshape(b, f, gy, gx, ps, ps, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, f, h, w, c)
+  out = {"video": video_out}
+  if d.subject_tokens:
+    coord_v = layers.dense(params["coord_head"], y[:, :, n:], jnp.float32)
+    out["coords"] = coord_v * player_mask[:, None, :, None]
+  return out
+
+
+# ------------------------------------------------------------------------------------------------------ loss
+
+def training_inputs(config: ml_collections.ConfigDict, batch: dict[str, jax.Array], rng: jax.Array,
+                    times: jax.Array | None = None):
+  """Noises a clean batch for flow-matching training.
+
+  batch: `latents` [B, F, h, w, c] (VAE latents of the frames, already scaled), `positions` [B, F, P, 2]
+  pixels, `actions` [B, F-1, P], `player_mask` [B, P]. times: [B, F] or None to sample them (flow config).
+  Returns (inputs for `apply`, velocity targets {"video", "coords"}, times).
+  """
+  if "latents" not in batch:
+    raise ValueError("batch lacks 'latents': encode batch['frames'] with vae.encode first (the trainer does)")
+  latents = batch["latents"].astype(jnp.float32)
+  b, f, h, w, _ = latents.shape
+  rng_t, rng_v, rng_c = jax.random.split(rng, 3)
+  if times is None:
+    times = flow_lib.sample_frame_times(rng_t, b, f, config.flow)
+  canvas = (h * config_lib.compression(config), w * config_lib.compression(config))
+  coords0 = positions_to_coords(batch["positions"], canvas)
+  noise_v = jax.random.normal(rng_v, latents.shape)
+  noise_c = jax.random.normal(rng_c, coords0.shape)
+  player_mask = batch["player_mask"].astype(bool)
+  inputs = {
+      "latents": flow_lib.add_noise(latents, noise_v, times),
+      "times": times,
+      "actions": batch["actions"],
+      "player_mask": player_mask,
+  }
+  if config.dit.subject_tokens:
+    inputs["coords"] = flow_lib.add_noise(coords0, noise_c, times) * player_mask[:, None, :, None]
+  else:
+    inputs["initial_coords"] = coords0[:, 0] * player_mask[:, :, None]
+  targets = {"video": flow_lib.velocity_target(latents, noise_v),
+             "coords": flow_lib.velocity_target(coords0, noise_c)}
+  return inputs, targets, times
+
+
+def loss_fn(params: Params, config: ml_collections.ConfigDict, batch: dict[str, jax.Array], rng: jax.Array):
+  """Flow-matching loss of the denoiser on one batch: (loss, metrics).
+
+  Video velocity MSE over the target frames (frames >= num_context_frames) plus coord_loss_weight times the
+  coordinate velocity MSE over real players of the target frames.
+  """
+  inputs, targets, times = training_inputs(config, batch, rng)
+  out = apply(params, config, inputs)
+  b, f = times.shape
+  frame_weight = (jnp.arange(f) >= config.flow.num_context_frames).astype(jnp.float32)
+  frame_weight = jnp.broadcast_to(frame_weight, (b, f))
+  video_loss = flow_lib.flow_loss(out["video"], targets["video"], frame_weight)
+  metrics = {"video_loss": video_loss}
+  loss = video_loss
+  if config.dit.subject_tokens:
+    w = frame_weight[:, :, None] * inputs["player_mask"][:, None, :].astype(jnp.float32)
+    coord_loss = flow_lib.flow_loss(out["coords"], targets["coords"], w)
+    metrics["coord_loss"] = coord_loss
+    loss = loss + config.flow.coord_loss_weight * coord_loss
+  metrics["loss"] = loss
+  return loss, metrics
