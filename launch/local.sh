@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Local launcher: sets up a virtual environment in .venv (on a fresh machine with only Python 3.11+) and runs
+# one of the project's jobs in it.
+#
+#   bash launch/local.sh demo [ARGS]   install, then `ap-jax demo` (the main job on the built-in game)
+#   bash launch/local.sh test [ARGS]   install with the dev and meltingpot extras, then the test suite
+#   bash launch/local.sh setup         install only (the base package and the dev extra)
+#   bash launch/local.sh ap-jax ARGS   install, then any ap-jax command
+#
+# Environment: PYTHON (interpreter that creates the venv, default python3), VENV (default .venv),
+# AP_JAX_SKIP_MELTINGPOT=1 to test without Melting Pot (its tests then skip).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-$ROOT/.venv}"
+JOB="${1:-demo}"
+shift || true
+
+log() { echo "[launch/local.sh $(date +%H:%M:%S)] $*"; }
+
+setup() {
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating virtual environment $VENV with $($PYTHON --version 2>&1)"
+    "$PYTHON" -m venv "$VENV"
+  fi
+  # shellcheck disable=SC1091
+  source "$VENV/bin/activate"
+  log "installing ap_jax and its dependencies into $VENV"
+  python -m pip install -q --upgrade pip
+  python -m pip install -q -e ".[dev]"
+}
+
+setup_meltingpot() {
+  if [[ "${AP_JAX_SKIP_MELTINGPOT:-0}" == "1" ]]; then
+    log "AP_JAX_SKIP_MELTINGPOT=1: Melting Pot tests will be skipped"
+  elif python -c "import meltingpot.substrate, dmlab2d" 2>/dev/null; then
+    log "Melting Pot already installed"
+  else
+    log "installing the meltingpot extra (dm-meltingpot, dmlab2d, tensorflow)"
+    bash launch/install_meltingpot.sh
+  fi
+}
+
+case "$JOB" in
+  setup)
+    setup ;;
+  demo)
+    setup
+    log "running ap-jax demo $*"
+    ap-jax demo "$@" ;;
+  test)
+    setup
+    setup_meltingpot
+    log "running the test suite"
+    # -n 2: both cores; tests that need a device count set it in a subprocess or via conftest.
+    python -m pytest -q -n 2 --durations=15 "$@" ;;
+  ap-jax)
+    setup
+    ap-jax "$@" ;;
+  *)
+    echo "unknown job '$JOB': expected demo, test, setup or ap-jax" >&2
+    exit 2 ;;
+esac
