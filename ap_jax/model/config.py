@@ -84,7 +84,7 @@ def _flow():
 def get_model_config(name: str = "tiny") -> ml_collections.ConfigDict:
   """The named model config: "tiny", "small" or "base"."""
   if name == "tiny":
-    vae = _vae(channels=32, channel_mult=(1, 2, 2), latent_channels=8, num_res_blocks=1)
+    vae = _vae(channels=16, channel_mult=(1, 2, 4), latent_channels=8, num_res_blocks=1)
     dit = _dit(width=128, depth=4, heads=4, mlp=512, patch_size=2)
   elif name == "small":
     vae = _vae(channels=64, channel_mult=(1, 2, 2), latent_channels=8, num_res_blocks=2)
