@@ -117,6 +117,41 @@ def cmd_show(args) -> int:
   return 0
 
 
+# ------------------------------------------------------------------------------------------------ train
+
+
+def add_train(sub):
+  p = sub.add_parser("train", help="train the autoencoder or the denoiser (sharded, resumable, multi-host)",
+                     description="Train the stage the config names (autoencoder or denoiser) in --workdir, "
+                     "resuming from its newest good checkpoint. Extra --config.KEY=VALUE arguments override "
+                     "config keys. SIGTERM / Ctrl-C finish the step, save and exit.")
+  p.add_argument("--config", required=True, help="config file, optionally with an argument: configs/tiny.py[:ARG]")
+  p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard logs, loss.png")
+  p.add_argument("--fresh", action="store_true",
+                 help="start over even if the workdir holds a checkpoint (old checkpoints are moved aside)")
+  p.add_argument("--coordinator", default=None, help="multi-host: coordinator host:port (not needed on TPU VMs)")
+  p.add_argument("--num-processes", type=int, default=None)
+  p.add_argument("--process-id", type=int, default=None)
+  p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+  p.set_defaults(func=cmd_train, accepts_config_overrides=True)
+
+
+def cmd_train(args) -> int:
+  from ap_jax.train import config_utils, distributed, trainer
+
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  config = config_utils.apply_overrides(config_utils.load_config(args.config), args.overrides)
+  summary = trainer.train(config, args.workdir, fresh=args.fresh, progress=not args.no_progress)
+  import jax
+
+  if jax.process_index() == 0:
+    with open(os.path.join(args.workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, default=str)
+    print(f"trained {summary['stage']} to step {summary['end_step']} in {args.workdir}"
+          + (f" (stopped by {summary['stopped_by']})" if summary["stopped_by"] else ""))
+  return 0
+
+
 # ------------------------------------------------------------------------------------------------ demo
 
 
@@ -154,7 +189,7 @@ def cmd_demo(args) -> int:
 
 # ------------------------------------------------------------------------------------------------ main
 
-COMMANDS = [add_data, add_show, add_demo]
+COMMANDS = [add_data, add_show, add_train, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,14 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  args, unknown = parser.parse_known_args(argv)
+  overrides = [u for u in unknown if u.startswith("--config.")]
+  rest = [u for u in unknown if not u.startswith("--config.")]
+  if rest or (overrides and not getattr(args, "accepts_config_overrides", False)):
+    parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}")
+  args.overrides = overrides
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
   for noisy in ("absl", "jax._src", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
     return int(args.func(args) or 0)
-  except (ValueError, FileExistsError, FileNotFoundError) as e:
+  except Exception as e:
+    from ap_jax.train import trainer as _trainer  # noqa: F401  (TrainError lives there)
+
+    if not isinstance(e, (ValueError, FileExistsError, FileNotFoundError, _trainer.TrainError)):
+      raise
+
     print(f"ap-jax {args.command}: error: {e}", file=sys.stderr)
     return 2
 

@@ -1,0 +1,79 @@
+"""Defaults shared by the experiment configs under configs/ (each config starts from `base_config`)."""
+
+import ml_collections
+
+from ap_jax.model.config import get_model_config
+
+# Logical axis name -> mesh axes. Batch over data and fsdp; parameters' embed dimension over fsdp (ZeRO-3);
+# heads and MLP over tensor; the token sequence over context. A name listed twice falls back to its second
+# rule when the first's mesh axes are already used by another dimension of the same array.
+DEFAULT_RULES = [
+    ("batch", ["data", "fsdp"]),
+    ("length", "context"),
+    ("kv_length", None),
+    ("frames", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("kv", None),
+    ("layers", None),
+    ("vocab", None),
+    ("subjects", None),
+    ("patch", None),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+    ("height", None),
+    ("width", None),
+    ("channels", None),
+]
+
+
+def base_config(model_name: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "denoiser"  # autoencoder | denoiser
+  c.model_name = model_name
+  c.model = get_model_config(model_name)
+  c.autoencoder_workdir = ""  # denoiser stage: workdir of the trained autoencoder
+  c.seed = 0
+  c.total_steps = 1000
+  c.log_every = 10
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 3
+  c.keep_period = 0  # also keep every N-th step's checkpoint (0: off)
+  c.async_checkpointing = True
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="builtin",  # builtin (generated into the cache on first use) | dir (data.dir) | live
+      dir="",
+      episodes=2000,
+      steps=16,
+      players=(2, 4),
+      grid=(8, 8),
+      cell_size=8,
+      frame_hw=(),  # () = grid * cell_size (built-in); set for stored datasets of other canvases
+      policy="sticky",
+      sticky_p=0.7,
+      generation_seed=0,
+      clip_steps=4,
+      global_batch_size=16,
+      permute_players=True,
+      read_threads=2,
+      worker_count=0,
+      prefetch_buffer_size=4,
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
+  c.logical_axis_rules = DEFAULT_RULES
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=3e-4,
+      schedule="cosine",  # cosine | wsd | constant
+      warmup_steps=100,
+      final_lr_fraction=0.1,
+      decay_fraction=0.2,  # wsd: fraction of steps spent decaying
+      b1=0.9,
+      b2=0.99,
+      eps=1e-8,
+      weight_decay=0.01,
+      grad_clip_norm=1.0,
+      ema_decay=0.999,
+  ))
+  return c

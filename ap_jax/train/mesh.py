@@ -1,0 +1,99 @@
+"""The device mesh from config, and shardings from logical axis names.
+
+Mesh axes, outermost first: `data` (pure data parallel: replicas), `fsdp` (data parallel that also shards
+parameters and optimizer state), `context` (sequence), `tensor` (heads / MLP). `config.mesh` gives each axis's
+size; one may be -1 ("whatever is left"). Axis types are passed explicitly (Auto: shardings come from jit's
+in/out shardings and `with_sharding_constraint`), since `jax.make_mesh`'s default changed across releases.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ap_jax.model import sharding as sharding_lib
+
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+
+
+class MeshError(ValueError):
+  pass
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Resolves the per-axis sizes (with at most one -1) for `num_devices` devices."""
+  sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
+  desc = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+  if sizes.count(-1) > 1:
+    raise MeshError(f"mesh {desc}: at most one axis may be -1")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise MeshError(f"mesh {desc}: sizes must be positive or -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise MeshError(f"mesh {desc} does not divide the {num_devices} devices: the fixed axes multiply to {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise MeshError(f"mesh {desc} needs {math.prod(sizes)} devices, but there are {num_devices}")
+  return tuple(sizes)
+
+
+def build_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(devices) if devices is not None else jax.devices()
+  shape = mesh_shape(mesh_config, len(devices))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+
+
+def rules_from_config(config: ml_collections.ConfigDict) -> tuple:
+  """The logical-axis rules table: `config.logical_axis_rules` as [(logical, mesh axis | [axes] | None)]."""
+  rules = config.get("logical_axis_rules", None)
+  if rules is None:
+    return sharding_lib.DEFAULT_RULES
+  out = []
+  for item in rules:
+    logical, physical = item
+    if isinstance(physical, list):
+      physical = tuple(physical)
+    for axis in (physical if isinstance(physical, tuple) else (physical,)):
+      if axis is not None and axis not in MESH_AXES:
+        raise MeshError(f"logical_axis_rules maps {logical!r} to {axis!r}, expected one of {MESH_AXES} or None")
+    out.append((logical, physical))
+  return tuple(out)
+
+
+def batch_axes(rules) -> PartitionSpec:
+  return sharding_lib.logical_to_spec(("batch",), rules, MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+  """Sharding of a batch-leading array: the batch dimension over the mesh axes `batch` maps to."""
+  return NamedSharding(mesh, sharding_lib.logical_to_spec(("batch",), rules, mesh.axis_names))
+
+
+def batch_shards(mesh: Mesh, rules) -> int:
+  spec = sharding_lib.logical_to_spec(("batch",), rules, mesh.axis_names)[0]
+  axes = () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
+  return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+
+def check_batch(global_batch: int, mesh: Mesh, rules) -> None:
+  shards = batch_shards(mesh, rules)
+  if global_batch % shards:
+    raise MeshError(f"global batch {global_batch} does not divide over the {shards} batch shards of mesh "
+                    f"{dict(mesh.shape)}; expected a multiple of {shards}")
+  if global_batch % jax.process_count():
+    raise MeshError(f"global batch {global_batch} does not divide over {jax.process_count()} processes")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def describe(mesh: Mesh) -> str:
+  return " x ".join(f"{name}={size}" for name, size in mesh.shape.items()) + f" ({mesh.devices.size} devices)"

@@ -1,0 +1,66 @@
+"""Optimiser from config: AdamW, warmup then cosine or warmup-stable-decay, clipping, decay masks, EMA.
+
+Weight decay spares norms, biases, embeddings' scalar gains and every 1-D parameter: decaying a norm scale
+towards zero fights the normalisation, and decaying biases buys nothing. In stacked (scanned) blocks a leading
+`layers` axis is not a feature axis, so the rule looks at the parameter's name as well as its rank.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+NO_DECAY_NAMES = ("bias", "scale", "norm", "modulation", "gamma", "beta")
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  warmup = int(opt.warmup_steps)
+  if opt.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, warmup, max(total_steps, warmup + 1),
+                                              end_value=opt.learning_rate * opt.final_lr_fraction)
+  if opt.schedule == "wsd":  # warmup-stable-decay: linear warmup, flat, then linear decay over decay_fraction
+    decay_steps = max(1, int(total_steps * opt.decay_fraction))
+    stable = max(0, total_steps - warmup - decay_steps)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, opt.learning_rate, max(warmup, 1)),
+         optax.constant_schedule(opt.learning_rate),
+         optax.linear_schedule(opt.learning_rate, opt.learning_rate * opt.final_lr_fraction, decay_steps)],
+        [max(warmup, 1), max(warmup, 1) + stable])
+  if opt.schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, opt.learning_rate, max(warmup, 1)),
+                                 optax.constant_schedule(opt.learning_rate)], [max(warmup, 1)])
+  raise ValueError(f"optim.schedule = {opt.schedule!r}, expected 'cosine', 'wsd' or 'constant'")
+
+
+def decay_mask(params):
+  """True where weight decay applies: matrices and conv kernels, not norms, biases or gains."""
+
+  def decide(path, leaf):
+    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+    if any(any(tag in name.lower() for tag in NO_DECAY_NAMES) for name in names[-1:]):
+      return False
+    core_rank = leaf.ndim - (1 if "blocks" in names else 0)
+    return core_rank >= 2
+
+  return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def build_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                                                optax.Schedule]:
+  schedule = learning_rate_schedule(opt, total_steps)
+  chain = []
+  if opt.grad_clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+  chain.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                           mask=decay_mask))
+  return optax.chain(*chain), schedule
+
+
+def ema_update(ema, params, decay: float, step: jax.Array):
+  """EMA of the parameters for sampling; the decay warms up (1 - 1/(step+1) until it reaches `decay`) so early
+  EMA weights are not dominated by the random initialisation."""
+  d = jnp.minimum(decay, 1.0 - 1.0 / (step.astype(jnp.float32) + 1.0))
+  return jax.tree.map(lambda e, p: (d * e.astype(jnp.float32) + (1.0 - d) * p.astype(jnp.float32)).astype(e.dtype),
+                      ema, params)

@@ -1,0 +1,595 @@
+"""`ap-jax train`: sharded, resumable, multi-host training of both stages (autoencoder, then denoiser).
+
+The trainer is a handful of `build_*` functions, each importable on its own (jasmine / big_vision style):
+
+  build_mesh        mesh from `config.mesh`, logical-axis rules from `config.logical_axis_rules`
+  build_stage       the model half being trained: init, logical axes, loss (autoencoder or denoiser)
+  build_optimizer   optax AdamW + schedule + clipping + decay mask, and the EMA decay
+  build_data        the Grain pipeline for this process (the built-in dataset is generated on first use)
+  build_state       the jitted, sharded init (parameters are born sharded) and the state's shardings
+  build_step        `jax.jit(step, in_shardings, out_shardings, donate_argnums)`, compiled ahead of time
+
+`train(config, workdir)` runs the loop: it always resumes from the workdir when a checkpoint is there, saves
+every `checkpoint_every` steps (asynchronously) and on SIGTERM / Ctrl-C (after finishing the current step), and
+stops on a NaN or inf loss naming the step, leaving the last good checkpoint in place.
+
+Randomness: the step's key is `fold_in(key(seed), step)`, and the data order is a function of the seed and the
+restored iterator state, so a resumed run repeats exactly the losses of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ap_jax.data import dataset as dataset_lib
+from ap_jax.data import pipeline as pipeline_lib
+from ap_jax.data import tfds_builder
+from ap_jax.model import dit as dit_lib
+from ap_jax.model import layers as layers_lib
+from ap_jax.model import sharding as sharding_lib
+from ap_jax.model import vae as vae_lib
+from ap_jax.train import checkpoint as checkpoint_lib
+from ap_jax.train import config_utils
+from ap_jax.train import mesh as mesh_lib
+from ap_jax.train import optim as optim_lib
+
+log = logging.getLogger("ap_jax.train")
+
+STAGES = ("autoencoder", "denoiser")
+
+# Peak dense bf16 FLOP/s per device, for MFU. Unknown devices (CPU) report MFU as null.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12, "NVIDIA B200": 2250e12,
+}
+
+
+class TrainError(RuntimeError):
+  pass
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+
+
+@dataclasses.dataclass
+class Stage:
+  """One trainable half of the model. `loss(params, batch, rng, frozen)` -> (loss, metrics)."""
+
+  name: str
+  model_config: ml_collections.ConfigDict
+  init: Callable[[jax.Array], Any]
+  logical_axes: Any
+  loss: Callable[..., tuple[jax.Array, dict]]
+  batch_keys: tuple[str, ...]
+  frozen: Any = None  # parameters of earlier stages (the autoencoder, for the denoiser), not trained
+  frozen_axes: Any = None
+  meta: dict = dataclasses.field(default_factory=dict)
+
+
+def build_stage(config: ml_collections.ConfigDict, *, frozen: Any = None, meta: dict | None = None) -> Stage:
+  """The stage `config.stage` names. The denoiser needs the trained autoencoder's parameters (`frozen`) and its
+  latent statistics (`meta['latent_shift']`, `meta['latent_scale']`)."""
+  model_config = ml_collections.ConfigDict(config.model.to_dict())
+  if config.stage == "autoencoder":
+    return Stage(
+        name="autoencoder", model_config=model_config,
+        init=lambda rng: vae_lib.vae_init(rng, model_config),
+        logical_axes=vae_lib.vae_logical_axes(model_config),
+        loss=lambda params, batch, rng, frozen: vae_lib.vae_loss(params, model_config, batch["frames"], rng),
+        batch_keys=("frames",))
+  if config.stage == "denoiser":
+    if frozen is None or meta is None:
+      raise TrainError("the denoiser stage needs a trained autoencoder: set --config.autoencoder_workdir")
+    model_config.vae.latent_shift = float(meta["latent_shift"])
+    model_config.vae.latent_scale = float(meta["latent_scale"])
+
+    def loss(params, batch, rng, frozen_params):
+      latents = jax.lax.stop_gradient(vae_lib.vae_encode(frozen_params, model_config, batch["frames"]))
+      dit_batch = dict(latents=latents, positions=batch["positions"], actions=batch["actions"],
+                       player_mask=batch["player_mask"])
+      return dit_lib.loss_fn(params, model_config, dit_batch, rng)
+
+    return Stage(
+        name="denoiser", model_config=model_config,
+        init=lambda rng: dit_lib.init(rng, model_config),
+        logical_axes=dit_lib.param_logical_axes(model_config), loss=loss,
+        batch_keys=("frames", "actions", "positions", "player_mask"),
+        frozen=frozen, frozen_axes=vae_lib.vae_logical_axes(model_config), meta=dict(meta))
+  raise config_utils.ConfigError(f"stage = {config.stage!r}, expected one of {STAGES}")
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def dataset_cache_dir() -> str:
+  return os.environ.get("AP_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ap_jax"))
+
+
+def generation_spec(data: ml_collections.ConfigDict) -> tfds_builder.GenerationSpec:
+  return tfds_builder.GenerationSpec(
+      source="builtin", episodes=int(data.episodes), steps=int(data.steps), players=tuple(data.players),
+      grid_hw=tuple(data.grid), cell_size=int(data.cell_size), policy=data.policy, sticky_p=float(data.sticky_p),
+      seed=int(data.generation_seed))
+
+
+def resolve_dataset(data: ml_collections.ConfigDict) -> str:
+  """The dataset directory for `data.source = 'builtin'` or `'dir'`; the built-in one is generated into the
+  cache the first time (every process may do so; the atomic rename keeps exactly one copy)."""
+  if data.source == "dir":
+    if not data.dir:
+      raise config_utils.ConfigError("data.source = 'dir' needs data.dir, a dataset written by `ap-jax data`")
+    return data.dir
+  spec = generation_spec(data)
+  path = data.dir or os.path.join(dataset_cache_dir(), "datasets",
+                                  f"builtin-{hashlib.sha256(spec.to_json().encode()).hexdigest()[:12]}")
+  if not os.path.exists(os.path.join(path, dataset_lib.INFO_FILE)):
+    log.info("built-in dataset not found at %s: generating %d episodes", path, spec.episodes)
+    try:
+      dataset_lib.build(spec, path)
+    except (FileExistsError, OSError):
+      if not os.path.exists(os.path.join(path, dataset_lib.INFO_FILE)):
+        raise
+  return path
+
+
+def build_data(config: ml_collections.ConfigDict, split: str = "train"):
+  """The Grain iterator of this process's shard of the training data (global batch / process count)."""
+  data = config.data
+  pipe = pipeline_lib.PipelineConfig(
+      clip_steps=int(data.clip_steps), max_players=int(config.model.max_players),
+      global_batch_size=int(data.global_batch_size), permute_players=bool(data.permute_players),
+      seed=int(config.seed), read_threads=int(data.read_threads), worker_count=int(data.worker_count),
+      prefetch_buffer_size=int(data.prefetch_buffer_size))
+  if data.source == "live":
+    source = pipeline_lib.LiveEpisodeSource(generation_spec(data), process_index=jax.process_index(),
+                                            process_count=jax.process_count())
+  elif data.source in ("builtin", "dir"):
+    source = dataset_lib.open_split(resolve_dataset(data), split)
+  else:
+    raise config_utils.ConfigError(f"data.source = {data.source!r}, expected 'builtin', 'dir' or 'live'")
+  return iter(pipeline_lib.make_dataset(source, pipe))
+
+
+# ----------------------------------------------------------------------------------------------------- state
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", "")))) for k in path)
+
+
+def shardings_like(tree_shapes, param_shardings, params_shapes, mesh) -> Any:
+  """Shardings for an optimizer-state-like tree: a leaf whose path ends with a parameter's path and has that
+  parameter's shape gets the parameter's sharding (Adam's mu and nu); anything else is replicated."""
+  by_path = {}
+  for (path, sh), (_, shape) in zip(jax.tree_util.tree_flatten_with_path(param_shardings)[0],
+                                    jax.tree_util.tree_flatten_with_path(params_shapes)[0]):
+    by_path[_path_names(path)] = (sh, shape.shape)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def pick(path, leaf):
+    names = _path_names(path)
+    for start in range(len(names)):
+      hit = by_path.get(names[start:])
+      if hit is not None and tuple(hit[1]) == tuple(leaf.shape):
+        return hit[0]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, tree_shapes)
+
+
+def build_state(config, stage: Stage, tx: optax.GradientTransformation, mesh, rules):
+  """Returns (jitted init(rng) -> state, state shardings, abstract state). Parameters are created sharded."""
+  param_shardings = sharding_lib.tree_shardings(stage.logical_axes, mesh, rules)
+
+  def init_state(rng):
+    params = stage.init(rng)
+    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                ema=jax.tree.map(lambda p: p.astype(jnp.float32), params), rng=rng)
+
+  shapes = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+  state_shardings = dict(
+      step=mesh_lib.replicated(mesh), params=param_shardings,
+      opt_state=shardings_like(shapes["opt_state"], param_shardings, shapes["params"], mesh),
+      ema=param_shardings, rng=mesh_lib.replicated(mesh))
+  init_fn = jax.jit(init_state, out_shardings=state_shardings)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_shardings)
+  return init_fn, state_shardings, abstract
+
+
+def frame_hw(config) -> tuple[int, int]:
+  data = config.data
+  if data.get("frame_hw"):
+    return int(data.frame_hw[0]), int(data.frame_hw[1])
+  return int(data.grid[0]) * int(data.cell_size), int(data.grid[1]) * int(data.cell_size)
+
+
+def batch_shapes(config, stage: Stage, mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
+  data = config.data
+  b, t, p = int(data.global_batch_size), int(data.clip_steps), int(config.model.max_players)
+  h, w = frame_hw(config)
+  shapes = dict(frames=((b, t + 1, h, w, 3), jnp.float32), actions=((b, t, p), jnp.int32),
+                positions=((b, t + 1, p, 2), jnp.float32), player_mask=((b, p), jnp.bool_))
+  sharding = mesh_lib.batch_sharding(mesh, rules)
+  return {k: jax.ShapeDtypeStruct(shapes[k][0], shapes[k][1], sharding=sharding) for k in stage.batch_keys}
+
+
+def build_step(config, stage: Stage, tx, schedule, mesh, rules, state_shardings, abstract_state):
+  """The jitted training step, lowered and compiled ahead of time. Returns (compiled step, analysis dict)."""
+  ema_decay = float(config.optim.ema_decay)
+  frozen_shardings = (sharding_lib.tree_shardings(stage.frozen_axes, mesh, rules)
+                      if stage.frozen is not None else None)
+
+  def train_step(state, batch, frozen):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+
+    def loss_of(params):
+      return stage.loss(params, batch, rng, frozen)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    ema = optim_lib.ema_update(state["ema"], params, ema_decay, state["step"])
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   learning_rate=schedule(state["step"]))
+    new_state = dict(step=state["step"] + 1, params=params, opt_state=opt_state, ema=ema, rng=state["rng"])
+    return new_state, metrics
+
+  shapes = batch_shapes(config, stage, mesh, rules)
+  batch_shardings = {k: v.sharding for k, v in shapes.items()}
+  jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
+                   out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+  frozen_abstract = None
+  if stage.frozen is not None:
+    frozen_abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                   stage.frozen, frozen_shardings)
+  with sharding_lib.logical_sharding(mesh, rules):
+    lowered = jitted.lower(abstract_state, shapes, frozen_abstract)
+  compiled = lowered.compile()
+  return compiled, analyse(compiled), frozen_shardings
+
+
+def analyse(compiled) -> dict:
+  """Per-device memory and FLOPs of a compiled step, from XLA's own analyses."""
+  out: dict[str, Any] = {}
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else {}
+    out["flops_per_device"] = float(cost.get("flops", 0.0)) if cost else None
+  except Exception:  # some backends do not implement it
+    out["flops_per_device"] = None
+  try:
+    mem = compiled.memory_analysis()
+    out["memory_bytes_per_device"] = dict(
+        arguments=int(mem.argument_size_in_bytes), outputs=int(mem.output_size_in_bytes),
+        temporaries=int(mem.temp_size_in_bytes), generated_code=int(mem.generated_code_size_in_bytes),
+        aliased=int(getattr(mem, "alias_size_in_bytes", 0)))
+    out["memory_bytes_per_device"]["total"] = (
+        out["memory_bytes_per_device"]["arguments"] + out["memory_bytes_per_device"]["outputs"]
+        + out["memory_bytes_per_device"]["temporaries"] - out["memory_bytes_per_device"]["aliased"])
+  except Exception:
+    out["memory_bytes_per_device"] = None
+  return out
+
+
+def peak_flops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for name, value in PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return value
+  return None
+
+
+# ------------------------------------------------------------------------------------------------ frozen AE
+
+
+def load_autoencoder(config, mesh, rules) -> tuple[Any, dict]:
+  """The trained autoencoder's EMA parameters and latent statistics, from `config.autoencoder_workdir`."""
+  ae_dir = config.autoencoder_workdir
+  if not ae_dir:
+    raise TrainError("stage 'denoiser' needs --config.autoencoder_workdir=DIR, the workdir of a trained "
+                     "autoencoder run (`ap-jax train --config ... --config.stage=autoencoder`)")
+  ae_config = ml_collections.ConfigDict(config.to_dict())
+  ae_config.stage = "autoencoder"
+  stage = build_stage(ae_config)
+  tx, _ = optim_lib.build_optimizer(ae_config.optim, int(ae_config.total_steps))
+  _, _, abstract = build_state(ae_config, stage, tx, mesh, rules)
+  ckpt = checkpoint_lib.Checkpointer(ae_dir, async_save=False)
+  if ckpt.latest_step() is None:
+    raise TrainError(f"autoencoder_workdir {ae_dir} holds no checkpoint")
+  step = ckpt.latest_step()
+  meta = ckpt.read_meta(step)
+  if meta.get("fingerprint") != config_utils.model_fingerprint(ae_config):
+    raise TrainError(f"autoencoder_workdir {ae_dir} holds an autoencoder of another shape (fingerprint "
+                     f"{meta.get('fingerprint')}, this config's autoencoder is "
+                     f"{config_utils.model_fingerprint(ae_config)})")
+  import orbax.checkpoint as ocp
+
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  ckpt.close()
+  params = restored["state"]["ema"]
+  log.info("loaded autoencoder EMA parameters from %s (step %d)", ae_dir, step)
+  return params, meta
+
+
+def latent_statistics(config, ae_params) -> dict:
+  """Latent shift and scale from a fixed set of training frames (deterministic, so resumes agree)."""
+  it = build_data(config)
+  frames = np.concatenate([next(it)["frames"] for _ in range(4)])
+  shift, scale = vae_lib.latent_statistics(jax.device_get(ae_params), config.model, jnp.asarray(frames))
+  return dict(latent_shift=shift, latent_scale=scale)
+
+
+# ----------------------------------------------------------------------------------------------- preemption
+
+
+class StopSignal:
+  """Turns SIGTERM (TPU VM preemption notice) and SIGINT (Ctrl-C) into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+    log.warning("received %s: finishing the current step, then saving and exiting", self.received)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def should_stop(self) -> bool:
+    local = self.received is not None
+    if jax.process_count() == 1:
+      return local
+    # Every process must stop at the same step (a save is a collective): agree on it.
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
+
+
+# ----------------------------------------------------------------------------------------------------- loop
+
+
+class MetricsWriter:
+  """metrics.jsonl (one JSON object per logged step) and TensorBoard scalars; process 0 only."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      try:
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        log.warning("tensorboardX is not installed: TensorBoard scalars are off")
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: (None if v is None else float(v)) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for key, value in metrics.items():
+        if value is not None and np.isfinite(value):
+          self._tb.add_scalar(key, float(value), step)
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def plot_losses(workdir: str) -> str | None:
+  """loss.png from metrics.jsonl: the curve people would rather look at than read."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  by_step = {}
+  with open(path) as f:
+    for line in f:
+      rec = json.loads(line)
+      by_step[rec["step"]] = rec  # a resumed run rewrites steps it repeats
+  steps = sorted(by_step)
+  keys = [k for k in ("loss", "video_loss", "coord_loss", "l1", "mse") if k in by_step[steps[-1]]]
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for key in keys:
+    ax.plot(steps, [by_step[s].get(key) for s in steps], label=key)
+  ax.set_yscale("log")
+  ax.set_xlabel("step")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  out = os.path.join(workdir, "loss.png")
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False,
+          progress: bool = True) -> dict:
+  """Trains `config.stage` in `workdir`, resuming from its newest good checkpoint. Returns a summary dict."""
+  if config.stage not in STAGES:
+    raise config_utils.ConfigError(f"stage = {config.stage!r}, expected one of {STAGES}")
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  mesh = mesh_lib.build_mesh(config.mesh)
+  rules = mesh_lib.rules_from_config(config)
+  mesh_lib.check_batch(int(config.data.global_batch_size), mesh, rules)
+  fingerprint = config_utils.model_fingerprint(config)
+
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if fresh and os.path.isdir(ckpt_dir) and is_main:
+    aside = f"{ckpt_dir}.old-{int(time.time())}"
+    os.rename(ckpt_dir, aside)
+    log.info("--fresh: moved the existing checkpoints to %s", aside)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("ap_jax fresh workdir")
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints),
+                                     keep_period=int(config.keep_period) or None,
+                                     async_save=bool(config.async_checkpointing))
+  latest = ckpt.latest_step()
+  if latest is not None:
+    try:
+      old = ckpt.read_meta(latest)
+    except Exception:
+      old = {}
+    if old and old.get("fingerprint") != fingerprint:
+      raise TrainError(
+          f"workdir {workdir} holds a checkpoint of another model (stage {old.get('stage')!r}, model "
+          f"{old.get('model_name')!r}, fingerprint {old.get('fingerprint')}; this config is stage "
+          f"{config.stage!r}, model {config.get('model_name')!r}, fingerprint {fingerprint}). Use another "
+          "--workdir, or pass --fresh to start over (the old checkpoints are moved aside, not deleted).")
+
+  frozen, meta = None, {}
+  if config.stage == "denoiser":
+    frozen, ae_meta = load_autoencoder(config, mesh, rules)
+    if latest is not None:
+      meta = {k: ckpt.read_meta(latest)[k] for k in ("latent_shift", "latent_scale")}
+    else:
+      meta = latent_statistics(config, frozen)
+    meta["autoencoder_step"] = ae_meta.get("step")
+  stage = build_stage(config, frozen=frozen, meta=meta)
+  tx, schedule = optim_lib.build_optimizer(config.optim, int(config.total_steps))
+  init_fn, state_shardings, abstract_state = build_state(config, stage, tx, mesh, rules)
+  data_iter = build_data(config)
+
+  start_step = 0
+  restored = ckpt.restore_latest(abstract_state, data_iter) if latest is not None else None
+  if restored is not None:
+    start_step, state, _ = restored
+    log.info("resumed from %s at step %d", ckpt.directory, start_step)
+  else:
+    state = init_fn(jax.random.PRNGKey(int(config.seed)))
+  if stage.frozen is not None:
+    frozen_sh = sharding_lib.tree_shardings(stage.frozen_axes, mesh, rules)
+    stage.frozen = jax.device_put(stage.frozen, frozen_sh)
+
+  step_fn, analysis, _ = build_step(config, stage, tx, schedule, mesh, rules, state_shardings, abstract_state)
+  num_params = layers_lib.count_params(abstract_state["params"])
+  device = jax.devices()[0]
+  peak = peak_flops(device)
+  flops = analysis.get("flops_per_device")
+  b, t = int(config.data.global_batch_size), int(config.data.clip_steps)
+  tokens_per_example = _tokens_per_example(config, stage)
+  summary = dict(stage=stage.name, model=config.get("model_name"), mesh=mesh_lib.describe(mesh),
+                 processes=jax.process_count(), device=getattr(device, "device_kind", str(device)),
+                 parameters=num_params, flops_per_step_per_device=flops,
+                 memory_per_device=analysis.get("memory_bytes_per_device"), global_batch=b, start_step=start_step,
+                 total_steps=int(config.total_steps), fingerprint=fingerprint)
+  if is_main:
+    mem = analysis.get("memory_bytes_per_device") or {}
+    log.info("stage %s | model %s | %s parameters | mesh %s | %d process(es) on %s", stage.name,
+             config.get("model_name"), f"{num_params:,}", mesh_lib.describe(mesh), jax.process_count(),
+             summary["device"])
+    log.info("compiled step: %.3g FLOPs/device, memory/device %.1f MiB (args %.1f, temps %.1f)",
+             flops or float("nan"), mem.get("total", 0) / 2**20, mem.get("arguments", 0) / 2**20,
+             mem.get("temporaries", 0) / 2**20)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_utils.to_json(config))
+  writer = MetricsWriter(workdir, is_main)
+
+  def save(step_now: int, force: bool = False):
+    meta_now = dict(stage.meta, fingerprint=fingerprint, stage=stage.name, model_name=config.get("model_name"),
+                    step=step_now, config=json.loads(config_utils.to_json(config)))
+    ckpt.save(step_now, state, data_iter, meta_now, force=force)
+
+  total = int(config.total_steps)
+  log_every, ckpt_every = max(1, int(config.log_every)), max(1, int(config.checkpoint_every))
+  bar = None
+  if progress and is_main:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start_step, desc=f"train {stage.name}", unit="step", dynamic_ncols=True)
+  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+  step = start_step
+  last_time, last_step = time.perf_counter(), step
+  history = []
+  stopped_by = None
+  with StopSignal() as stop:
+    while step < total:
+      local = next(data_iter)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
+               for k in stage.batch_keys}
+      state, metrics = step_fn(state, batch, stage.frozen)
+      step += 1
+      loss = float(metrics["loss"])
+      if not math.isfinite(loss):
+        ckpt.wait()
+        raise TrainError(f"loss is {loss} at step {step}; stopping. The last good checkpoint "
+                         f"(step {ckpt.latest_step()}) is intact in {ckpt.directory}")
+      if step % log_every == 0 or step == total:
+        now = time.perf_counter()
+        dt = (now - last_time) / max(1, step - last_step)
+        last_time, last_step = now, step
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        host.update(step_time_s=dt, examples_per_s=b / dt, tokens_per_s=b * tokens_per_example / dt,
+                    mfu=(flops / dt / peak) if (flops and peak) else None)
+        writer.write(step, host)
+        history.append(dict(step=step, loss=host["loss"], step_time_s=dt))
+        if bar is not None:
+          bar.set_postfix(loss=f"{host['loss']:.4f}", step_s=f"{dt:.3f}")
+      if bar is not None:
+        bar.update(1)
+      if step % ckpt_every == 0 or step == total:
+        save(step)
+      if stop.should_stop():
+        stopped_by = stop.received or "another process"
+        if ckpt.latest_step() != step:
+          save(step, force=True)
+        log.warning("stopped by %s after step %d; checkpoint saved", stopped_by, step)
+        break
+  ckpt.close()
+  writer.close()
+  if bar is not None:
+    bar.close()
+  if is_main:
+    plot_losses(workdir)
+  summary.update(end_step=step, stopped_by=stopped_by, history=history)
+  return summary
+
+
+def _tokens_per_example(config, stage: Stage) -> int:
+  data = config.data
+  h, w = frame_hw(config)
+  frames = int(data.clip_steps) + 1
+  if stage.name == "autoencoder":
+    return frames * h * w  # pixels
+  from ap_jax.model import config as model_config_lib
+
+  per_side = model_config_lib.pixels_per_token(stage.model_config)
+  subjects = int(config.model.max_players) if stage.model_config.dit.subject_tokens else 0
+  return frames * ((h // per_side) * (w // per_side) + subjects)

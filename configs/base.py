@@ -1,0 +1,46 @@
+"""Base ActionParty: the denoiser shaped like Wan2.1-T2V-1.3B (30 blocks, width 1536, 12 heads, MLP 8960) for TPU
+pods, on Melting Pot-sized frames (256x256, VAE 8x, 16 latent channels).
+
+  ap-jax train --config configs/base.py --workdir gs://BUCKET/runs/base/dit \
+      --config.autoencoder_workdir=gs://BUCKET/runs/base/ae --config.data.source=dir --config.data.dir=DATA
+
+Hardware: a TPU v5p-64 slice (or larger): FSDP over all chips by default (mesh fsdp=-1), bfloat16 compute,
+float32 master weights, scanned blocks with `dots_with_no_batch_dims_saveable` remat. `ap-jax aot` (a later
+issue) checks the per-chip memory of this config ahead of time. Expected: not yet run at scale.
+"""
+
+from ap_jax.train.defaults import base_config
+
+
+def get_config(arg=None):
+  args = set((arg or "").split(",")) - {""}
+  c = base_config("base")
+  c.stage = "autoencoder" if "autoencoder" in args else "denoiser"
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.data.grid = (32, 32)  # 32 cells of 8 px = 256x256 canvas
+  c.data.players = (2, 7)
+  c.data.global_batch_size = 256
+  c.data.worker_count = 8
+  c.total_steps = 200000
+  c.checkpoint_every = 2000
+  c.keep_period = 20000
+  c.log_every = 100
+  c.optim.learning_rate = 1e-4
+  c.optim.schedule = "wsd"
+  c.optim.warmup_steps = 2000
+  if "runlocal" in args:
+    c.model.dit.depth = 2
+    c.model.dit.width = 128
+    c.model.dit.heads = 2
+    c.model.dit.mlp = 256
+    c.model.dit.dtype = "float32"
+    c.data.grid = (8, 8)
+    c.data.episodes = 30
+    c.data.global_batch_size = 8
+    c.data.worker_count = 0
+    c.mesh.fsdp = -1
+    c.total_steps = 3
+    c.log_every = 1
+    c.checkpoint_every = 3
+  return c

@@ -1,0 +1,34 @@
+"""Small ActionParty (DiT width 384, 8 blocks) on the built-in game at 128x128 (16x16 cells): one GPU or a small
+TPU slice.
+
+  ap-jax train --config configs/small.py:autoencoder --workdir runs/small/ae
+  ap-jax train --config configs/small.py --workdir runs/small/dit --config.autoencoder_workdir=runs/small/ae
+
+Hardware: one accelerator (bfloat16 compute, float32 master weights), data parallel over what is there.
+Expected: not yet measured on an accelerator (see README).
+"""
+
+from ap_jax.train.defaults import base_config
+
+
+def get_config(arg=None):
+  args = set((arg or "").split(",")) - {""}
+  c = base_config("small")
+  c.stage = "autoencoder" if "autoencoder" in args else "denoiser"
+  c.model.dit.dtype = "bfloat16"
+  c.data.grid = (16, 16)
+  c.data.episodes = 20000
+  c.data.players = (2, 7)
+  c.data.global_batch_size = 64
+  c.total_steps = 20000 if c.stage == "autoencoder" else 100000
+  c.checkpoint_every = 1000
+  c.log_every = 50
+  c.optim.warmup_steps = 1000
+  if "runlocal" in args:
+    c.model.dit.dtype = "float32"
+    c.data.episodes = 30
+    c.data.global_batch_size = 8
+    c.total_steps = 4
+    c.log_every = 1
+    c.checkpoint_every = 2
+  return c
