@@ -41,6 +41,12 @@ the built-in game: `offset + (cell + 0.5) * cell_size`, in continuous pixel coor
 [i, i + 1). For example `coins` (17 x 17 cells, 136 x 136 px) on a 64 x 64 canvas: k = 4, 2 px cells, a 34 x 34
 image at offset (15, 15).
 
+Removed avatars: in some substrates a player can be taken off the board for a while (zapped by fireZap in
+commons_harvest, clean_up, territory, paintball; caught prey in predator_prey). Its avatar then sits in a "wait"
+state with no layer, so it is not drawn, while `N.POSITION` still reports a cell (by the Lua source, its last
+one). The schema has no visibility flag, so such frames carry a position with no sprite under it; a model or metric
+that needs visibility should check the colour at the position. Uniform or sticky random play zaps rarely.
+
 Players and colours
 -------------------
 `num_players` players take roles spread evenly over the substrate's default role list (so `predator_prey__*` with
@@ -141,6 +147,15 @@ PLAYER_COUNTS: dict[str, tuple[int, ...]] = {
     'coop_mining': (1, 2, 3, 4, 5, 6, 7, 8),
     'daycare': (1, 2, 3, 4, 5, 6, 7, 8),
     'externality_mushrooms__dense': (1, 2, 3, 4, 5, 6),
+    'factory_commons__either_or': (1, 2, 3, 4, 5, 6, 7, 8),
+    'fruit_market__concentric_rivers': (1, 2, 3, 4, 5, 6, 7, 8),
+    'gift_refinements': (1, 2, 3, 4, 5, 6, 7, 8),
+    'hidden_agenda': (5,),
+    'paintball__capture_the_flag': (2, 4, 6, 8),
+    'paintball__king_of_the_hill': (2, 4, 6, 8),
+    'predator_prey__alley_hunt': (1, 2, 3, 4, 5, 6, 7, 8),
+    'territory__inside_out': (1, 2, 3, 4, 5, 6, 7, 8),
+    'territory__open': (1, 2, 3, 4, 5, 6, 7, 8),
 }
 
 
@@ -254,8 +269,9 @@ def action_table_markdown(substrates: Sequence[str] | None = None) -> str:
       "",
       "INTERACT is the substrate's primary non-movement action (the first in its action set). Per substrate:",
       "",
-      "| substrate | default players | allowed players (of 1-8) | actions | INTERACT | not expressible |",
-      "|---|---|---|---|---|---|",
+      "| substrate | default players | allowed players (of 1-8) | actions | INTERACT | not expressible | "
+      "substrate actions left unused |",
+      "|---|---|---|---|---|---|---|",
   ]
   for name in substrates:
     cfg = _config(name)
@@ -263,9 +279,13 @@ def action_table_markdown(substrates: Sequence[str] | None = None) -> str:
     missing = unexpressed_actions(name)
     interact_cell = f"`{_format_action(interact)}`" if not missing else "NOOP (no non-movement action)"
     counts = PLAYER_COUNTS.get(name)
+    used = set(unified_action_table(name))
+    unused = [_format_action({k: int(v) for k, v in dict(a).items() if v != 0})
+              for i, a in enumerate(cfg.action_set) if i not in used]
     lines.append(
         f"| `{name}` | {len(cfg.default_player_roles)} | {_format_counts(counts) if counts else 'unknown'} | "
-        f"{len(cfg.action_set)} | {interact_cell} | {', '.join(missing) or '-'} |")
+        f"{len(cfg.action_set)} | {interact_cell} | {', '.join(missing) or '-'} | "
+        f"{' '.join(f'`{u}`' for u in unused) or '-'} |")
   return "\n".join(lines) + "\n"
 
 
