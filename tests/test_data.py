@@ -95,32 +95,33 @@ def test_iterator_state_restores_the_next_batches(data_dir):
       np.testing.assert_array_equal(got[key], want[key])
 
 
-def test_processes_read_disjoint_shards(data_dir):
+def test_processes_read_disjoint_slices_of_the_same_global_batches(data_dir):
   source = dataset.open_split(data_dir, "train")
   config = pipeline.PipelineConfig(clip_steps=2, global_batch_size=8, num_epochs=1, shuffle=True)
-  seen = []
-  for index in range(2):
-    ds = pipeline.make_dataset(source, config, process_index=index, process_count=2)
-    seen.append({int(s) for batch in ds for s in batch["seed"]})
+  single = list(pipeline.make_dataset(source, config, process_index=0, process_count=1))
+  parts = [list(pipeline.make_dataset(source, config, process_index=k, process_count=2)) for k in range(2)]
+  assert len(single) == len(parts[0]) == len(parts[1]) == 4
+  seen = [{int(s) for batch in part for s in batch["seed"]} for part in parts]
   assert not (seen[0] & seen[1])
   assert seen[0] | seen[1] == set(range(32))
+  # Process 0 holds the first half of every global batch, process 1 the second: together, the single-process
+  # batch exactly (same episodes, windows and slot permutations).
+  for whole, first, second in zip(single, *parts):
+    for key in whole:
+      np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), whole[key])
 
 
-def test_live_source_is_seeded_per_process_and_reproducible():
+def test_live_source_reads_disjoint_reproducible_episodes():
   spec = tfds_builder.GenerationSpec(steps=5, players=(2, 3))
-  config = pipeline.PipelineConfig(clip_steps=4, global_batch_size=4)
-  seeds, batches = [], []
-  for index in range(2):
-    live = pipeline.LiveEpisodeSource(spec, process_index=index, process_count=2, chunk=4)
-    ds = pipeline.make_dataset(live, config, process_index=index, process_count=2)
-    batch = next(iter(ds))
-    seeds.append(set(batch["seed"].tolist()))
-    batches.append(batch)
+  config = pipeline.PipelineConfig(clip_steps=4, global_batch_size=8)
+  batches = [next(iter(pipeline.make_dataset(pipeline.LiveEpisodeSource(spec, chunk=4), config,
+                                             process_index=k, process_count=2))) for k in range(2)]
+  seeds = [set(b["seed"].tolist()) for b in batches]
   assert not (seeds[0] & seeds[1])
-  again = next(iter(pipeline.make_dataset(pipeline.LiveEpisodeSource(spec, process_index=0, process_count=2),
-                                          config, process_index=0, process_count=2)))
+  assert seeds[0] | seeds[1] == {pipeline.LIVE_SEED_OFFSET + i for i in range(8)}
+  again = next(iter(pipeline.make_dataset(pipeline.LiveEpisodeSource(spec), config, process_index=0,
+                                          process_count=2)))
   np.testing.assert_array_equal(again["frames"], batches[0]["frames"])
-  assert all(s >= pipeline.LIVE_SEED_OFFSET for s in seeds[0])
 
 
 def test_interrupted_build_leaves_no_dataset(tmp_path, monkeypatch):

@@ -5,14 +5,20 @@ the batches that would have come next):
 
   1. source          `EpisodeSource` (a TFDS ArrayRecord split) or `LiveEpisodeSource` (the built-in game,
                      generating episodes on the fly from per-index seeds, so runs never repeat data)
-  2. shard           each JAX process reads a disjoint, interleaved slice of the episodes (`ds[i::n]`)
-  3. shuffle, repeat a global shuffle per epoch (stored sources only), repeated `num_epochs` times (None: forever)
-  4. clip            a random window of `clip_steps` actions (`clip_steps + 1` frames) from each episode; player
+  2. shuffle, repeat a global shuffle per epoch (stored sources only), repeated `num_epochs` times (None: forever)
+  3. clip            a random window of `clip_steps` actions (`clip_steps + 1` frames) from each episode; player
                      slots padded to `max_players` with a mask; optionally a random permutation of the slots, so
                      slot identity cannot be memorised (a player's colour is the only stable identity)
-  5. normalise       frames to float32 in [-1, 1] (or kept uint8 with `frames_dtype='uint8'`)
+  4. normalise       frames to float32 in [-1, 1] (or kept uint8 with `frames_dtype='uint8'`)
+  5. shard           global batch g is clips [g B, (g + 1) B) of that global sequence; process k of n reads only
+                     its contiguous slice [g B + k B/n, g B + (k + 1) B/n), so processes read disjoint data and
+                     the global batch is the same whatever the number of processes (a run resumed on another
+                     host count, or checked against a single process, sees identical batches)
   6. batch           `global_batch_size / process_count` clips per process
   7. prefetch        threads (`read_threads`) and optionally processes (`worker_count`, via `mp_prefetch`)
+
+Every random choice (shuffle order, window start, slot permutation) is a function of the seed and the clip's
+global index, never of the process or worker that computes it.
 
 A clip (dimension letters: B batch, T = clip_steps, P = max_players, H, W pixels):
 
@@ -125,22 +131,20 @@ def make_clip(episode: dict[str, Any], config: PipelineConfig, rng: np.random.Ge
 
 
 class LiveEpisodeSource:
-  """Built-in game episodes generated on demand: index i of process k (of n) is episode seed
-  `seed + LIVE_SEED_OFFSET + i * n + k`, so processes (and Grain workers, which read disjoint indices) never
-  produce the same episode, and every episode is reproducible from its index.
+  """Built-in game episodes generated on demand: global index i is the episode with seed
+  `seed + LIVE_SEED_OFFSET + i`. Processes and Grain workers read disjoint global indices (see `make_dataset`),
+  so they never produce the same episode, and every episode is reproducible from its index.
 
-  Episodes are generated `chunk` at a time with one vmapped call and cached, since Grain reads indices in order
-  when the stored-source shuffle is off (live episodes are already random, so they are not shuffled).
+  Episodes are generated `chunk` at a time with one vmapped call and cached, since each process reads runs of
+  consecutive indices (live episodes are already random, so they are not shuffled).
   """
 
-  def __init__(self, spec, *, process_index: int = 0, process_count: int = 1, length: int = 2**31 - 1,
-               chunk: int = 8):
+  def __init__(self, spec, *, length: int = 2**31 - 1, chunk: int = 8):
     from ap_jax.data import tfds_builder
 
     if spec.source != "builtin":
       raise ValueError(f"the live source generates built-in game episodes only, got source {spec.source!r}")
     self.spec = tfds_builder.check_spec(spec)
-    self.process_index, self.process_count = process_index, process_count
     self._length = length
     self._chunk = chunk
     self._cache: collections.OrderedDict[int, list[dict[str, Any]]] = collections.OrderedDict()
@@ -149,7 +153,7 @@ class LiveEpisodeSource:
     return self._length
 
   def seed_of(self, index: int) -> int:
-    return self.spec.seed + LIVE_SEED_OFFSET + index * self.process_count + self.process_index
+    return self.spec.seed + LIVE_SEED_OFFSET + index
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     from ap_jax.data import tfds_builder
@@ -167,7 +171,28 @@ class LiveEpisodeSource:
     return self._cache[chunk_id][index - chunk_id * self._chunk]
 
   def __repr__(self) -> str:
-    return f"LiveEpisodeSource(process {self.process_index}/{self.process_count}, {self.spec})"
+    return f"LiveEpisodeSource({self.spec})"
+
+
+class ProcessSlice(grain.MapDataset):
+  """Process k's part of a global sequence: local element j is global element
+  (j // b) * b * n + k * b + j % b, with b the per-process batch and n processes."""
+
+  def __init__(self, parent: grain.MapDataset, process_index: int, process_count: int, local_batch: int):
+    super().__init__(parent)
+    self._index, self._count, self._local = process_index, process_count, local_batch
+
+  def __len__(self) -> int:
+    return (len(self._parent) // (self._local * self._count)) * self._local
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    group, offset = divmod(int(index), self._local)
+    return self._parent[group * self._local * self._count + self._index * self._local + offset]
+
+  def __str__(self) -> str:
+    return f"ProcessSlice(process {self._index} of {self._count}, {self._local} per batch)"
 
 
 def make_dataset(source: RandomAccessSource, config: PipelineConfig, *, process_index: int | None = None,
@@ -202,16 +227,16 @@ def make_dataset(source: RandomAccessSource, config: PipelineConfig, *, process_
   local_batch = config.global_batch_size // process_count
 
   ds = grain.MapDataset.source(source)
-  if not live:  # the live source shards itself by seed
-    if len(ds) < process_count:
-      raise ValueError(f"{len(ds)} episodes cannot be split over {process_count} processes")
-    ds = ds[process_index::process_count]
-  ds = ds.seed(config.seed + 7919 * process_index)
+  if len(ds) < config.global_batch_size and config.drop_remainder and not live:
+    raise ValueError(f"{len(ds)} episodes are fewer than one global batch of {config.global_batch_size}")
+  ds = ds.seed(config.seed)
   if config.shuffle and not live:
     ds = ds.shuffle()
   if not live:
     ds = ds.repeat(config.num_epochs)
   ds = ds.random_map(ClipTransform(config))
+  if process_count > 1:
+    ds = ProcessSlice(ds, process_index, process_count, local_batch)
   ds = ds.batch(local_batch, drop_remainder=config.drop_remainder)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                             prefetch_buffer_size=config.prefetch_buffer_size))

@@ -158,8 +158,7 @@ def build_data(config: ml_collections.ConfigDict, split: str = "train"):
       seed=int(config.seed), read_threads=int(data.read_threads), worker_count=int(data.worker_count),
       prefetch_buffer_size=int(data.prefetch_buffer_size))
   if data.source == "live":
-    source = pipeline_lib.LiveEpisodeSource(generation_spec(data), process_index=jax.process_index(),
-                                            process_count=jax.process_count())
+    source = pipeline_lib.LiveEpisodeSource(generation_spec(data))
   elif data.source in ("builtin", "dir"):
     source = dataset_lib.open_split(resolve_dataset(data), split)
   else:
