@@ -62,7 +62,9 @@ def init_from_specs(rng: jax.Array, specs, dtype=jnp.float32):
       out.append(s.scale * jax.random.normal(key, s.shape, dtype))
     else:
       std = s.scale / math.sqrt(max(s.fan_in, 1))
-      out.append(std * jax.random.truncated_normal(key, -2.0, 2.0, s.shape, dtype))
+      # Clipped rather than truncated normal: truncated_normal's inverse-erf sampler makes init compile ~10x
+      # slower, and the two differ only in the 5% of draws beyond 2 sigma.
+      out.append(std * jnp.clip(jax.random.normal(key, s.shape, dtype), -2.0, 2.0))
   return jax.tree.unflatten(treedef, out)
 
 
