@@ -232,16 +232,18 @@ def test_bad_inputs_name_the_problem():
     config_lib.get_model_config("huge")
 
 
-def test_sharded_apply_matches_single_device():
-  """Under data=2 x fsdp=2 x tensor=2 with the default logical rules, params sharded by their logical axes and
-  activations constrained, the output equals the unsharded one."""
+@pytest.mark.parametrize("impl,mesh_shape", [("xla", (2, 2, 1, 2)), ("splash", (1, 2, 2, 2))])
+def test_sharded_apply_matches_single_device(impl, mesh_shape):
+  """On a forced 8-device CPU mesh (data, fsdp, context, tensor) with the default logical rules, params sharded
+  by their logical axes and activations constrained, the output equals the unsharded XLA one. The splash path
+  runs its Pallas kernel per shard under shard_map (interpret mode off TPU)."""
   if jax.device_count() < 8:
     pytest.skip("needs 8 (forced host) devices")
-  cfg = small_config()
+  cfg = small_config(attention_impl=impl)
   params = dit.init(jax.random.key(7), cfg)
   inputs = make_inputs(cfg)
-  reference = run(cfg, params, inputs)
-  mesh = jax.make_mesh((2, 2, 1, 2), ("data", "fsdp", "context", "tensor"), axis_types=(AxisType.Auto,) * 4)
+  reference = run(small_config(), params, inputs)
+  mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "context", "tensor"), axis_types=(AxisType.Auto,) * 4)
   shardings = sharding.tree_shardings(dit.param_logical_axes(cfg), mesh)
   params = jax.device_put(params, shardings)
   assert params["blocks"]["mlp"]["fc1"]["kernel"].sharding.spec == PartitionSpec(None, "fsdp", "tensor")

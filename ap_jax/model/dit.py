@@ -311,7 +311,8 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
     x = video
     pos = video_pos
   q_per_frame = n + num_slots
-  x = constrain(x.astype(dtype), ("batch", "frames", "length", "embed"))
+  # The residual stream stays float32 (as under torch autocast in Wan2.1); only matmul inputs are cast to dtype.
+  x = constrain(x.astype(jnp.float32), ("batch", "frames", "length", "embed"))
   self_angles = rope_lib.rope_angles(pos.reshape(b, f * q_per_frame, 3), head_dim, d.rope_theta)
 
   # Masks: static layout part + padding segment ids (attention.py).
