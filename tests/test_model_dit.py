@@ -254,3 +254,19 @@ def test_sharded_apply_matches_single_device(impl, mesh_shape):
   assert lowered.as_text().count("sharding_constraint") >= cfg.dit.depth
   for key in reference:
     np.testing.assert_allclose(out[key], reference[key], atol=1e-5)
+
+
+def test_predict_noises_the_batch_at_the_given_times():
+  cfg = small_config()
+  params = dit.init(jax.random.key(0), cfg)
+  batch = _batch(cfg)
+  times = jnp.asarray([[0.0, 0.0, 1.0], [0.0, 0.5, 0.5]])
+  out = dit.predict(params, cfg, batch, times, jax.random.key(1))
+  np.testing.assert_allclose(out["noisy_latents"][:, :2][0], batch["latents"][0, :2], atol=1e-6)
+  noise = out["target_video"] + batch["latents"]  # v = noise - x0
+  np.testing.assert_allclose(out["noisy_latents"][0, 2], noise[0, 2], atol=1e-5)
+  canvas = LATENT_HW * config_lib.compression(cfg)
+  coords0 = dit.positions_to_coords(batch["positions"], (canvas, canvas))
+  real = np.asarray(batch["player_mask"])[0]
+  np.testing.assert_allclose(out["noisy_coords"][0, 0][real], coords0[0, 0][real], atol=1e-6)
+  assert out["video"].shape == batch["latents"].shape and out["coords"].shape == (B, F, P, 2)

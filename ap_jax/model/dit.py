@@ -402,6 +402,20 @@ def training_inputs(config: ml_collections.ConfigDict, batch: dict[str, jax.Arra
   return inputs, targets, times
 
 
+def predict(params: Params, config: ml_collections.ConfigDict, batch: dict[str, jax.Array], times: jax.Array,
+            rng: jax.Array) -> dict[str, jax.Array]:
+  """`apply` on a dataset batch (with `latents`) noised to `times` [B, F] with noise drawn from rng.
+
+  Returns apply's outputs plus the noisy inputs ("noisy_latents", "noisy_coords") and the velocity targets
+  ("target_video", "target_coords"), so callers can form their own losses or diagnostics."""
+  inputs, targets, _ = training_inputs(config, batch, rng, times)
+  out = dict(apply(params, config, inputs))
+  out.update(noisy_latents=inputs["latents"], target_video=targets["video"], target_coords=targets["coords"])
+  if "coords" in inputs:
+    out["noisy_coords"] = inputs["coords"]
+  return out
+
+
 def loss_fn(params: Params, config: ml_collections.ConfigDict, batch: dict[str, jax.Array], rng: jax.Array):
   """Flow-matching loss of the denoiser on one batch: (loss, metrics).
 
