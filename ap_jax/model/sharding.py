@@ -79,8 +79,8 @@ def logical_to_spec(names: Sequence[str | None], rules: LogicalRules,
   """Maps logical axis names to a PartitionSpec of mesh axes.
 
   For each name the first rule whose mesh axes are not yet used in this spec wins (as in maxtext), so a table
-  may list fallbacks. Mesh axes absent from `mesh_axes` (when given) are dropped, so one table serves meshes
-  that lack an axis.
+  may list fallbacks. Mesh axes absent from `mesh_axes` (when given) are dropped, and a rule left with none is
+  skipped, so one table serves meshes that lack an axis. A rule mapping to None means "replicate".
   """
   used: set[str] = set()
   out = []
@@ -91,8 +91,10 @@ def logical_to_spec(names: Sequence[str | None], rules: LogicalRules,
         if logical != name:
           continue
         axes = (physical,) if isinstance(physical, str) else tuple(physical or ())
-        if mesh_axes is not None:
+        if mesh_axes is not None and axes:
           axes = tuple(a for a in axes if a in mesh_axes)
+          if not axes:
+            continue  # every axis of this rule is missing from the mesh: try the next rule
         if any(a in used for a in axes):
           continue
         used.update(axes)
