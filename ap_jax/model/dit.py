@@ -345,7 +345,7 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
   def body(carry, block_params):
     return _block(carry, block_params, ctx), None
 
-  body = layers.remat(body, d.remat_policy)
+  body = layers.remat(body, d.remat_policy, prevent_cse=not d.scan_layers)
   if d.scan_layers:
     x, _ = jax.lax.scan(body, x, params["blocks"])
   else:
