@@ -132,7 +132,8 @@ def test_loss_gradients_are_finite_and_reach_every_weight(subject_tokens):
 
 
 def test_bfloat16_compute_matches_float32():
-  """bfloat16 matmuls (float32 norms, softmax and master weights) stay within 5% of the output scale."""
+  """bfloat16 matmuls (float32 residual stream, norms, softmax and master weights): max error under 5% and mean
+  error under 1% of the output's standard deviation (measured: 1.2% and 0.3%)."""
   cfg32, cfg16 = small_config(), small_config(dtype="bfloat16")
   params = dit.init(jax.random.key(0), cfg32)
   inputs = make_inputs(cfg32)
@@ -140,7 +141,7 @@ def test_bfloat16_compute_matches_float32():
   for key in ("video", "coords"):
     err = float(jnp.max(jnp.abs(a[key] - b[key])))
     scale = float(jnp.std(a[key]))
-    assert err < 0.05 * scale * 4 and float(jnp.mean(jnp.abs(a[key] - b[key]))) < 0.05 * scale, (key, err, scale)
+    assert err < 0.05 * scale and float(jnp.mean(jnp.abs(a[key] - b[key]))) < 0.01 * scale, (key, err, scale)
 
 
 def test_subject_isolation_in_one_layer():
