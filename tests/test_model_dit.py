@@ -281,3 +281,17 @@ def test_predict_noises_the_batch_at_the_given_times():
   real = np.asarray(batch["player_mask"])[0]
   np.testing.assert_allclose(out["noisy_coords"][0, 0][real], coords0[0, 0][real], atol=1e-6)
   assert out["video"].shape == batch["latents"].shape and out["coords"].shape == (B, F, P, 2)
+
+
+def test_action_dropout_replaces_whole_clips_with_null_actions():
+  cfg = small_config()
+  cfg.flow.action_dropout = 1.0
+  inputs, _, _ = dit.training_inputs(cfg, _batch(cfg), jax.random.key(0))
+  assert bool(jnp.all(inputs["actions"] == dit.null_action_id(cfg)))
+  cfg.flow.action_dropout = 0.5
+  batch = _batch(cfg)
+  dropped = [bool(jnp.all(dit.training_inputs(cfg, batch, jax.random.key(i))[0]["actions"][0] == dit.null_action_id(cfg)))
+             for i in range(16)]
+  assert 0 < sum(dropped) < 16
+  cfg.flow.action_dropout = 0.0
+  np.testing.assert_array_equal(dit.training_inputs(cfg, batch, jax.random.key(0))[0]["actions"], batch["actions"])

@@ -59,6 +59,17 @@ from ap_jax.model.sharding import constrain
 Params = dict[str, Any]
 
 
+def start_action_id(config: ml_collections.ConfigDict) -> int:
+  """Action id of the START entry that precedes frame 0."""
+  return int(config.num_actions)
+
+
+def null_action_id(config: ml_collections.ConfigDict) -> int:
+  """Action id meaning "no action given": pass it in `actions` for the unconditional branch of guidance. The model
+  learns it when trained with flow.action_dropout > 0."""
+  return int(config.num_actions) + 1
+
+
 # ---------------------------------------------------------------------------------------------------- params
 
 def _attention_specs(width: int, heads: int) -> dict:
@@ -105,8 +116,9 @@ def param_specs(config: ml_collections.ConfigDict) -> dict:
       "time_embed": {"fc1": layers.dense_spec(d.freq_dim, width, None, "embed"),
                      "fc2": layers.dense_spec(width, width, "embed", None)},
       "time_proj": layers.dense_spec(width, 6 * width, "embed", "mlp"),
-      # Row num_actions is the START entry (frame 0 has no action before it).
-      "action_embed": ParamSpec((config.num_actions + 1, width), ("vocab", "embed"), "embedding", scale=1.0),
+      # Rows: the actions, then START (frame 0 has no action before it), then NULL (action dropped, for
+      # classifier-free guidance on actions).
+      "action_embed": ParamSpec((config.num_actions + 2, width), ("vocab", "embed"), "embedding", scale=1.0),
       "blocks": layers.stack_specs(block, d.depth),
       "head": {
           "modulation": ParamSpec((2, width), (None, "embed"), "embedding", scale=1.0 / math.sqrt(width)),
@@ -258,7 +270,7 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
   inputs:
     latents         [B, F, h, w, c]  noisy latents x_t (frame f at noise level times[:, f])
     times           [B, F]           flow time per frame (0 = clean, 1 = noise)
-    actions         [B, F-1, P] int  action t takes frame t to t+1; padded slots ignored
+    actions         [B, F-1, P] int  action t takes frame t to t+1 (or null_action_id); padded slots ignored
     player_mask     [B, P] bool      real players
     coords          [B, F, P, 2]     noisy normalised coordinates (subject_tokens=True)
     initial_coords  [B, P, 2]        clean normalised context-frame coordinates (subject_tokens=False baseline)
@@ -290,7 +302,7 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
   e0 = layers.dense(params["time_proj"], jax.nn.silu(e), jnp.float32).reshape(b, f, 6, width)
 
   # Action entries [B, P, F]: START then the actions; embedded and flattened slot-major to [B, P F, C].
-  start = jnp.full((b, 1, config.max_players), config.num_actions, jnp.int32)
+  start = jnp.full((b, 1, config.max_players), start_action_id(config), jnp.int32)
   entries_BFP = jnp.concatenate([start, inputs["actions"].astype(jnp.int32)], axis=1)
   action_tok = jnp.take(params["action_embed"], entries_BFP.transpose(0, 2, 1), axis=0).astype(dtype)  # [B,P,F,C]
 
@@ -387,10 +399,15 @@ def training_inputs(config: ml_collections.ConfigDict, batch: dict[str, jax.Arra
   noise_v = jax.random.normal(rng_v, latents.shape)
   noise_c = jax.random.normal(rng_c, coords0.shape)
   player_mask = batch["player_mask"].astype(bool)
+  actions = batch["actions"].astype(jnp.int32)
+  if config.flow.action_dropout > 0:
+    # Whole clips lose their actions (all players, all steps), so the model learns p(video | context) too.
+    drop = jax.random.bernoulli(jax.random.fold_in(rng, 1), config.flow.action_dropout, (b, 1, 1))
+    actions = jnp.where(drop, null_action_id(config), actions)
   inputs = {
       "latents": flow_lib.add_noise(latents, noise_v, times),
       "times": times,
-      "actions": batch["actions"],
+      "actions": actions,
       "player_mask": player_mask,
   }
   if config.dit.subject_tokens:
