@@ -295,3 +295,38 @@ def test_action_dropout_replaces_whole_clips_with_null_actions():
   assert 0 < sum(dropped) < 16
   cfg.flow.action_dropout = 0.0
   np.testing.assert_array_equal(dit.training_inputs(cfg, batch, jax.random.key(0))[0]["actions"], batch["actions"])
+
+
+@pytest.mark.parametrize("overrides", [{}, {"subject_tokens": False, "scan_layers": False}])
+def test_kv_cache_matches_one_pass(overrides):
+  """Frames 0-1 with return_cache, then frame 2 from the cache, give exactly the one-pass outputs; so does a
+  cache grown one frame at a time."""
+  cfg = small_config(**overrides)
+  params = dit.init(jax.random.key(8), cfg)
+  inputs = make_inputs(cfg)
+  full = run(cfg, params, inputs)
+  apply = jax.jit(lambda p, x, c: dit.apply(p, cfg, x, cache=c, return_cache=True))
+  first = jax.jit(lambda p, x: dit.apply(p, cfg, x, return_cache=True))
+
+  def frames(lo, hi):
+    part = {k: v[:, lo:hi] for k, v in inputs.items() if k in ("latents", "times", "coords")}
+    part.update({k: inputs[k] for k in ("player_mask", "initial_coords") if k in inputs})
+    return part
+
+  head = first(params, dict(frames(0, 2), actions=inputs["actions"][:, :1]))
+  tail = apply(params, dict(frames(2, 3), actions=inputs["actions"][:, 1:2]), head["cache"])
+  for key in full:
+    np.testing.assert_allclose(head[key], full[key][:, :2], atol=2e-5)
+    np.testing.assert_allclose(tail[key], full[key][:, 2:], atol=2e-5)
+  cache = first(params, dict(frames(0, 1), actions=inputs["actions"][:, :0]))["cache"]
+  for t in (1, 2):
+    step = apply(params, dict(frames(t, t + 1), actions=inputs["actions"][:, t - 1:t]), cache)
+    for key in full:
+      np.testing.assert_allclose(step[key], full[key][:, t:t + 1], atol=2e-5)
+    cache = step["cache"]
+  np.testing.assert_allclose(cache["k"], tail["cache"]["k"], atol=2e-5)
+  assert int(cache["next_frame"]) == 3
+  trimmed = dit.trim_cache(cache, 2)
+  assert trimmed["k"].shape[2] == 2 * cache["k"].shape[2] // 3 and trimmed["entries"].shape[1] == 2
+  with pytest.raises(ValueError, match="keep_frames = 4, expected 1 to 3"):
+    dit.trim_cache(cache, 4)

@@ -43,22 +43,24 @@ class Layout:
     return int(self.frame.shape[0])
 
 
-def self_attention_layout(num_frames: int, video_tokens_per_frame: int, num_slots: int) -> Layout:
-  """Frame-major [video tokens; subject tokens] per frame (num_slots = 0 when there are no subject tokens)."""
+def self_attention_layout(num_frames: int, video_tokens_per_frame: int, num_slots: int,
+                          first_frame: int = 0) -> Layout:
+  """Frame-major [video tokens; subject tokens] per frame (num_slots = 0 when there are no subject tokens).
+  first_frame numbers the frames from there (a chunk that follows cached frames)."""
   per_frame = video_tokens_per_frame + num_slots
-  frame = np.repeat(np.arange(num_frames), per_frame)
+  frame = np.repeat(np.arange(first_frame, first_frame + num_frames), per_frame)
   slot_one = np.concatenate([np.full(video_tokens_per_frame, -1), np.arange(num_slots)])
   return Layout(frame=frame, slot=np.tile(slot_one, num_frames))
 
 
-def subject_query_layout(num_frames: int, num_slots: int) -> Layout:
+def subject_query_layout(num_frames: int, num_slots: int, first_frame: int = 0) -> Layout:
   """Subject tokens alone, frame-major [F, P] (the cross-attention queries of the full model)."""
-  return self_attention_layout(num_frames, 0, num_slots)
+  return self_attention_layout(num_frames, 0, num_slots, first_frame)
 
 
-def video_query_layout(num_frames: int, video_tokens_per_frame: int) -> Layout:
+def video_query_layout(num_frames: int, video_tokens_per_frame: int, first_frame: int = 0) -> Layout:
   """Video tokens alone, frame-major [F, N] (the cross-attention queries of the global baseline)."""
-  return self_attention_layout(num_frames, video_tokens_per_frame, 0)
+  return self_attention_layout(num_frames, video_tokens_per_frame, 0, first_frame)
 
 
 def action_layout(num_frames: int, num_slots: int) -> Layout:

@@ -188,9 +188,10 @@ def _project(p: Params, x: jax.Array, dtype) -> jax.Array:
 
 
 def _attend(p: Params, x_q: jax.Array, x_kv: jax.Array, angles_q: jax.Array, angles_k: jax.Array,
-            mask: attn_lib.Mask, impl: str, dtype, eps: float) -> jax.Array:
+            mask: attn_lib.Mask, impl: str, dtype, eps: float, cached_kv=None):
   """Projection, q/k RMSNorm, RoPE, masked attention and output projection. x_q [B, L, C], x_kv [B, S, C];
-  angles [B, L or S, D/2]."""
+  angles [B, L or S, D/2]. cached_kv: (k, v) [B, S0, K, D] of earlier tokens (already normed and rotated),
+  put before this call's keys. Returns (y [B, L, C], (k, v) of this call's tokens)."""
   q = layers.rms_norm(_project(p["query"], x_q, dtype), p["norm_q"], axes=(-2, -1), eps=eps)
   k = layers.rms_norm(_project(p["key"], x_kv, dtype), p["norm_k"], axes=(-2, -1), eps=eps)
   v = _project(p["value"], x_kv, dtype)
@@ -198,14 +199,19 @@ def _attend(p: Params, x_q: jax.Array, x_kv: jax.Array, angles_q: jax.Array, ang
   k = rope_lib.apply_rope(k, angles_k[:, :, None, :]).astype(dtype)
   names = ("batch", "length", "heads", "kv")
   q, k, v = constrain(q, names), constrain(k, names), constrain(v, names)
-  out = attn_lib.attention(q, k, v, mask, impl)
+  k_all, v_all = k, v
+  if cached_kv is not None:
+    k_all = jnp.concatenate([cached_kv[0].astype(dtype), k], axis=1)
+    v_all = jnp.concatenate([cached_kv[1].astype(dtype), v], axis=1)
+  out = attn_lib.attention(q, k_all, v_all, mask, impl)
   out = constrain(out.astype(dtype), names)
   y = jnp.einsum("blkd,kdc->blc", out, p["out"]["kernel"].astype(dtype))
-  return y + p["out"]["bias"].astype(dtype)
+  return y + p["out"]["bias"].astype(dtype), (k, v)
 
 
-def _block(x_BFQC: jax.Array, p: Params, ctx: dict) -> jax.Array:
-  """One DiT block on the joint sequence, kept as [B, F, Q, C] so per-frame modulation broadcasts."""
+def _block(x_BFQC: jax.Array, p: Params, ctx: dict, cached_kv=None):
+  """One DiT block on the joint sequence, kept as [B, F, Q, C] so per-frame modulation broadcasts.
+  Returns (x, (k, v) of the self-attention for this call's tokens)."""
   dtype, eps, impl = ctx["dtype"], ctx["eps"], ctx["impl"]
   b, f, q_per_frame, c = x_BFQC.shape
   n = ctx["video_tokens"]
@@ -214,7 +220,8 @@ def _block(x_BFQC: jax.Array, p: Params, ctx: dict) -> jax.Array:
 
   h = layers.layer_norm(x_BFQC, eps=eps) * (1.0 + scale_msa) + shift_msa
   h = h.reshape(b, f * q_per_frame, c)
-  y = _attend(p["self_attn"], h, h, ctx["self_angles"], ctx["self_angles"], ctx["self_mask"], impl, dtype, eps)
+  y, kv = _attend(p["self_attn"], h, h, ctx["self_angles"], ctx["self_angles"], ctx["self_mask"], impl, dtype, eps,
+                 cached_kv)
   x_BFQC = x_BFQC + (y.reshape(b, f, q_per_frame, c).astype(jnp.float32) * gate_msa).astype(x_BFQC.dtype)
 
   # Cross-attention: only the query tokens that read actions (subject tokens, or video tokens in the baseline).
@@ -223,8 +230,9 @@ def _block(x_BFQC: jax.Array, p: Params, ctx: dict) -> jax.Array:
     h_q = h[:, :, n:].reshape(b, f * (q_per_frame - n), c)
   else:
     h_q = h[:, :, :n].reshape(b, f * n, c)
-  y = _attend(p["cross_attn"], h_q, ctx["actions_BSC"], ctx["cross_angles_q"], ctx["cross_angles_k"],
-              ctx["cross_mask"], impl, dtype, eps).astype(x_BFQC.dtype)
+  y, _ = _attend(p["cross_attn"], h_q, ctx["actions_BSC"], ctx["cross_angles_q"], ctx["cross_angles_k"],
+                 ctx["cross_mask"], impl, dtype, eps)
+  y = y.astype(x_BFQC.dtype)
   if ctx["cross_on_subjects"]:
     x_BFQC = jnp.concatenate([x_BFQC[:, :, :n], x_BFQC[:, :, n:] + y.reshape(b, f, q_per_frame - n, c)], axis=2)
   else:
@@ -235,12 +243,12 @@ def _block(x_BFQC: jax.Array, p: Params, ctx: dict) -> jax.Array:
   h = constrain(jax.nn.gelu(h, approximate=True), ("batch", "frames", "length", "mlp"))
   h = layers.dense(p["mlp"]["fc2"], h, dtype)
   x_BFQC = x_BFQC + (h.astype(jnp.float32) * gate_mlp).astype(x_BFQC.dtype)
-  return constrain(x_BFQC, ("batch", "frames", "length", "embed"))
+  return constrain(x_BFQC, ("batch", "frames", "length", "embed")), kv
 
 
 # ----------------------------------------------------------------------------------------------------- apply
 
-def _check_inputs(config, inputs) -> None:
+def _check_inputs(config, inputs, cache) -> None:
   latents = inputs["latents"]
   if latents.ndim != 5:
     raise ValueError(f"inputs['latents'] has shape {latents.shape}, expected [B, F, h, w, c]")
@@ -251,7 +259,8 @@ def _check_inputs(config, inputs) -> None:
                      f"{config.vae.latent_channels}")
   if h % ps or w % ps:
     raise ValueError(f"latent grid {h}x{w} is not divisible by dit.patch_size = {ps}")
-  expect = {"times": (b, f), "actions": (b, f - 1, config.max_players), "player_mask": (b, config.max_players)}
+  num_actions = f if cache is not None else f - 1
+  expect = {"times": (b, f), "actions": (b, num_actions, config.max_players), "player_mask": (b, config.max_players)}
   if config.dit.subject_tokens:
     expect["coords"] = (b, f, config.max_players, 2)
   else:
@@ -261,23 +270,35 @@ def _check_inputs(config, inputs) -> None:
       raise ValueError(f"inputs lacks {key!r}; expected an array of shape {list(shape)}")
     if tuple(inputs[key].shape) != shape:
       raise ValueError(f"inputs[{key!r}] has shape {tuple(inputs[key].shape)}, expected {list(shape)} "
-                       f"(B={b}, F={f} latent frames, F-1 actions, P={config.max_players} slots)")
+                       f"(B={b}, F={f} latent frames, {num_actions} actions, P={config.max_players} slots)")
+  if cache is not None:
+    n = (h // ps) * (w // ps) + (config.max_players if config.dit.subject_tokens else 0)
+    k = cache["k"]
+    if k.ndim != 5 or k.shape[0] != config.dit.depth or k.shape[1] != b or k.shape[2] % n:
+      raise ValueError(f"cache['k'] has shape {k.shape}, expected [depth={config.dit.depth}, B={b}, "
+                       f"frames * {n} tokens, heads, head width]")
 
 
-def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, jax.Array],
+          cache: dict[str, jax.Array] | None = None, return_cache: bool = False) -> dict[str, jax.Array]:
   """Predicts flow velocities for noisy latents (and noisy subject coordinates). Pure and jittable.
 
   inputs:
     latents         [B, F, h, w, c]  noisy latents x_t (frame f at noise level times[:, f])
     times           [B, F]           flow time per frame (0 = clean, 1 = noise)
-    actions         [B, F-1, P] int  action t takes frame t to t+1 (or null_action_id); padded slots ignored
+    actions         [B, F-1, P] int  action t takes frame t to t+1 (or null_action_id); padded slots ignored.
+                                     With a cache: [B, F, P], the actions that produce each of these F frames.
     player_mask     [B, P] bool      real players
     coords          [B, F, P, 2]     noisy normalised coordinates (subject_tokens=True)
     initial_coords  [B, P, 2]        clean normalised context-frame coordinates (subject_tokens=False baseline)
+  cache: from an earlier call with return_cache=True: these F frames follow the cached ones. Because attention
+    is causal per frame, apply(frames 0..k) then apply(frames k+1.., cache) gives exactly the outputs of one
+    apply over all frames. Keys are cached after RoPE at absolute frame indices, so `trim_cache` (a sliding
+    window) keeps relative positions intact.
   Returns {"video": [B, F, h, w, c] float32 velocity, "coords": [B, F, P, 2] float32 velocity (zero in padded
-  slots; absent without subject tokens)}.
+  slots; absent without subject tokens)}, plus "cache" (covering the cached and these frames) if return_cache.
   """
-  _check_inputs(config, inputs)
+  _check_inputs(config, inputs, cache)
   d = config.dit
   dtype = layers.compute_dtype(d.dtype)
   latents = inputs["latents"]
@@ -287,13 +308,20 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
   gy, gx = h // ps, w // ps
   n = gy * gx
   num_slots = config.max_players if d.subject_tokens else 0
+  q_per_frame = n + num_slots
   player_mask = inputs["player_mask"].astype(bool)
+  cached_frames = 0 if cache is None else cache["k"].shape[2] // q_per_frame
+  # Absolute index of this call's first frame: RoPE positions (only differences matter to attention).
+  first = jnp.zeros((), jnp.float32) if cache is None else cache["next_frame"].astype(jnp.float32)
+  frame_pos = first + jnp.arange(f, dtype=jnp.float32)  # [F]
 
   # Video tokens: patchify [B, F, h, w, c] -> [B, F, N, ps ps c] -> [B, F, N, C].
   patches = latents.reshape(b, f, gy, ps, gx, ps, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, f, n, ps * ps * c)
   video = layers.dense(params["patch_embed"], patches, dtype)
-  grid_t, grid_y, grid_x = np.meshgrid(np.arange(f), np.arange(gy), np.arange(gx), indexing="ij")
-  video_pos = jnp.asarray(np.stack([grid_t, grid_y, grid_x], -1).reshape(f, n, 3), jnp.float32)
+  grid_y, grid_x = np.meshgrid(np.arange(gy), np.arange(gx), indexing="ij")
+  yx = jnp.asarray(np.stack([grid_y, grid_x], -1).reshape(n, 2), jnp.float32)
+  video_pos = jnp.concatenate([jnp.broadcast_to(frame_pos[:, None, None], (f, n, 1)),
+                               jnp.broadcast_to(yx, (f, n, 2))], -1)
   video_pos = jnp.broadcast_to(video_pos, (b, f, n, 3))
 
   # Time: sinusoid -> MLP -> e [B, F, C]; block modulation e0 [B, F, 6, C] (Wan2.1).
@@ -301,10 +329,15 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
   e = _mlp2(params["time_embed"], t_emb, jnp.float32)
   e0 = layers.dense(params["time_proj"], jax.nn.silu(e), jnp.float32).reshape(b, f, 6, width)
 
-  # Action entries [B, P, F]: START then the actions; embedded and flattened slot-major to [B, P F, C].
-  start = jnp.full((b, 1, config.max_players), start_action_id(config), jnp.int32)
-  entries_BFP = jnp.concatenate([start, inputs["actions"].astype(jnp.int32)], axis=1)
-  action_tok = jnp.take(params["action_embed"], entries_BFP.transpose(0, 2, 1), axis=0).astype(dtype)  # [B,P,F,C]
+  # Action entries [B, F, P]: entry f is the action that produced frame f (START for the clip's first frame),
+  # after the cached frames' entries; embedded and flattened slot-major to [B, P (F0 + F), C].
+  if cache is None:
+    start = jnp.full((b, 1, config.max_players), start_action_id(config), jnp.int32)
+    entries_BFP = jnp.concatenate([start, inputs["actions"].astype(jnp.int32)], axis=1)
+  else:
+    entries_BFP = inputs["actions"].astype(jnp.int32)
+  all_entries = entries_BFP if cache is None else jnp.concatenate([cache["entries"], entries_BFP], axis=1)
+  action_tok = jnp.take(params["action_embed"], all_entries.transpose(0, 2, 1), axis=0).astype(dtype)  # [B,P,F,C]
 
   if d.subject_tokens:
     coords = inputs["coords"].astype(jnp.float32)
@@ -315,36 +348,37 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
     subj_yx = coords_to_token_grid(coords, (gy, gx))
     if not d.subject_rope:
       subj_yx = jnp.zeros_like(subj_yx)  # no spatial rotation: angles 0 for y and x
-    subj_t = jnp.broadcast_to(jnp.arange(f, dtype=jnp.float32)[None, :, None, None], (b, f, num_slots, 1))
+    subj_t = jnp.broadcast_to(frame_pos[None, :, None, None], (b, f, num_slots, 1))
     pos = jnp.concatenate([video_pos, jnp.concatenate([subj_t, subj_yx], -1)], axis=2)
   else:
     player = _mlp2(params["player_coord_embed"], _coord_features(inputs["initial_coords"], d.coord_freqs), dtype)
     action_tok = action_tok + player[:, :, None, :]
     x = video
     pos = video_pos
-  q_per_frame = n + num_slots
   # The residual stream stays float32 (as under torch autocast in Wan2.1); only matmul inputs are cast to dtype.
   x = constrain(x.astype(jnp.float32), ("batch", "frames", "length", "embed"))
   self_angles = rope_lib.rope_angles(pos.reshape(b, f * q_per_frame, 3), head_dim, d.rope_theta)
 
-  # Masks: static layout part + padding segment ids (attention.py).
-  self_layout = attn_lib.self_attention_layout(f, n, num_slots)
-  self_seg = attn_lib.segment_ids(self_layout, player_mask)
-  self_mask = attn_lib.Mask(attn_lib.static_mask(self_layout, self_layout, subject_isolation=d.subject_isolation),
-                            self_seg, self_seg)
-  key_layout = attn_lib.action_layout(f, config.max_players)
+  # Masks: static layout part + padding segment ids (attention.py). Frames are numbered from the first cached
+  # frame, so this call's queries sit at frames cached_frames.. and keys span cached + these frames.
+  total = cached_frames + f
+  query_self = attn_lib.self_attention_layout(f, n, num_slots, first_frame=cached_frames)
+  key_self = attn_lib.self_attention_layout(total, n, num_slots)
+  self_mask = attn_lib.Mask(attn_lib.static_mask(query_self, key_self, subject_isolation=d.subject_isolation),
+                            attn_lib.segment_ids(query_self, player_mask), attn_lib.segment_ids(key_self, player_mask))
+  key_layout = attn_lib.action_layout(total, config.max_players)
   if d.subject_tokens:
-    query_layout = attn_lib.subject_query_layout(f, num_slots)
+    query_layout = attn_lib.subject_query_layout(f, num_slots, first_frame=cached_frames)
     same_subject = d.masked_cross_attention
   else:
-    query_layout = attn_lib.video_query_layout(f, n)
+    query_layout = attn_lib.video_query_layout(f, n, first_frame=cached_frames)
     same_subject = False
   cross_mask = attn_lib.Mask(
       attn_lib.static_mask(query_layout, key_layout, frame_wise=d.frame_wise, same_subject=same_subject),
       attn_lib.segment_ids(query_layout, player_mask), attn_lib.segment_ids(key_layout, player_mask))
   # Temporal-only RoPE in cross-attention: (frame, 0, 0) rotates only the t pairs.
   time_pos = lambda frames: jnp.broadcast_to(
-      jnp.stack([jnp.asarray(frames, jnp.float32)] + [jnp.zeros(len(frames), jnp.float32)] * 2, -1),
+      jnp.stack([first - cached_frames + jnp.asarray(frames, jnp.float32)] + [jnp.zeros(len(frames))] * 2, -1),
       (b, len(frames), 3))
   ctx = dict(
       dtype=dtype, eps=d.eps, impl=d.attention_impl, video_tokens=n, mod_BF6C=e0,
@@ -354,15 +388,21 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
       cross_angles_k=rope_lib.rope_angles(time_pos(key_layout.frame), head_dim, d.rope_theta),
       cross_mask=cross_mask)
 
-  def body(carry, block_params):
-    return _block(carry, block_params, ctx), None
+  def body(carry, xs):
+    block_params, cached_kv = xs
+    carry, kv = _block(carry, block_params, ctx, cached_kv)
+    return carry, (kv if return_cache else None)
 
   body = layers.remat(body, d.remat_policy, prevent_cse=not d.scan_layers)
+  cached = None if cache is None else (cache["k"], cache["v"])
   if d.scan_layers:
-    x, _ = jax.lax.scan(body, x, params["blocks"])
+    x, new_kv = jax.lax.scan(body, x, (params["blocks"], cached))
   else:
+    per_layer = []
     for i in range(d.depth):
-      x, _ = body(x, jax.tree.map(lambda a: a[i], params["blocks"]))
+      x, kv = body(x, jax.tree.map(lambda a: a[i], (params["blocks"], cached)))
+      per_layer.append(kv)
+    new_kv = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if return_cache else None
 
   # Head (Wan2.1): LayerNorm, modulation by e, linear; then unpatchify.
   head_mod = e[:, :, None, :] + params["head"]["modulation"].astype(jnp.float32)  # [B, F, 2, C]
@@ -374,7 +414,25 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
   if d.subject_tokens:
     coord_v = layers.dense(params["coord_head"], y[:, :, n:], jnp.float32)
     out["coords"] = coord_v * player_mask[:, None, :, None]
+  if return_cache:
+    k_new, v_new = new_kv
+    if cache is not None:
+      k_new = jnp.concatenate([cache["k"].astype(k_new.dtype), k_new], axis=2)
+      v_new = jnp.concatenate([cache["v"].astype(v_new.dtype), v_new], axis=2)
+    out["cache"] = {"k": k_new, "v": v_new, "entries": all_entries,
+                    "next_frame": (first + f).astype(jnp.int32)}
   return out
+
+
+def trim_cache(cache: dict[str, jax.Array], keep_frames: int) -> dict[str, jax.Array]:
+  """Keeps the last `keep_frames` frames of a cache (sliding window). Positions stay absolute, so the next
+  chunk's RoPE distances to the kept frames are unchanged."""
+  total = cache["entries"].shape[1]
+  if not 0 < keep_frames <= total:
+    raise ValueError(f"keep_frames = {keep_frames}, expected 1 to {total} (frames in the cache)")
+  per_frame = cache["k"].shape[2] // total
+  return {"k": cache["k"][:, :, -keep_frames * per_frame:], "v": cache["v"][:, :, -keep_frames * per_frame:],
+          "entries": cache["entries"][:, -keep_frames:], "next_frame": cache["next_frame"]}
 
 
 # ------------------------------------------------------------------------------------------------------ loss
