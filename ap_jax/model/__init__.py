@@ -9,7 +9,10 @@ Public API (pure functions over plain parameter pytrees; see ap_jax/model/README
   vae.vae_logical_axes(config)
   dit.init(rng, config) -> params                         stage 2: latent denoiser
   dit.param_logical_axes(config) -> PartitionSpec tree of logical names, same structure as params
-  dit.apply(params, config, inputs) -> {"video", "coords"} flow velocities
+  dit.apply(params, config, inputs, cache=None, return_cache=False) -> {"video", "coords"[, "cache"]}
+  dit.trim_cache(cache, keep_frames)                      sliding window over the KV cache
+  dit.predict(params, config, batch, times, rng)          apply on a batch noised to the given times
+  dit.null_action_id(config)                              the "no action" id (guidance)
   dit.loss_fn(params, config, batch, rng) -> (loss, metrics)
   dit.training_inputs(config, batch, rng, times=None) -> (inputs, targets, times)
   dit.positions_to_coords / coords_to_positions / coords_to_token_grid
