@@ -16,22 +16,24 @@ NO_DECAY_NAMES = ("bias", "scale", "norm", "modulation", "gamma", "beta")
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup over `warmup_steps` (none when 0), then cosine decay, warmup-stable-decay or constant."""
   warmup = int(opt.warmup_steps)
+  peak, final = float(opt.learning_rate), float(opt.learning_rate) * float(opt.final_lr_fraction)
+  rest = max(1, total_steps - warmup)
   if opt.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, warmup, max(total_steps, warmup + 1),
-                                              end_value=opt.learning_rate * opt.final_lr_fraction)
-  if opt.schedule == "wsd":  # warmup-stable-decay: linear warmup, flat, then linear decay over decay_fraction
+    main = optax.cosine_decay_schedule(peak, rest, alpha=final / peak if peak else 0.0)
+  elif opt.schedule == "wsd":  # warmup-stable-decay: flat, then linear decay over the last decay_fraction
     decay_steps = max(1, int(total_steps * opt.decay_fraction))
-    stable = max(0, total_steps - warmup - decay_steps)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, opt.learning_rate, max(warmup, 1)),
-         optax.constant_schedule(opt.learning_rate),
-         optax.linear_schedule(opt.learning_rate, opt.learning_rate * opt.final_lr_fraction, decay_steps)],
-        [max(warmup, 1), max(warmup, 1) + stable])
-  if opt.schedule == "constant":
-    return optax.join_schedules([optax.linear_schedule(0.0, opt.learning_rate, max(warmup, 1)),
-                                 optax.constant_schedule(opt.learning_rate)], [max(warmup, 1)])
-  raise ValueError(f"optim.schedule = {opt.schedule!r}, expected 'cosine', 'wsd' or 'constant'")
+    stable = max(0, rest - decay_steps)
+    main = optax.join_schedules([optax.constant_schedule(peak), optax.linear_schedule(peak, final, decay_steps)],
+                                [stable])
+  elif opt.schedule == "constant":
+    main = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"optim.schedule = {opt.schedule!r}, expected 'cosine', 'wsd' or 'constant'")
+  if warmup <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
 def decay_mask(params):

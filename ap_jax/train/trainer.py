@@ -193,9 +193,26 @@ def shardings_like(tree_shapes, param_shardings, params_shapes, mesh) -> Any:
   return jax.tree_util.tree_map_with_path(pick, tree_shapes)
 
 
+def param_shardings(logical_axes, shapes, mesh, rules):
+  """NamedShardings from logical axis names. A dimension the mapped mesh axes do not divide (an RGB output
+  conv's 3 channels over tensor=2, say) is replicated instead: the rules stay one table for every model size."""
+
+  def one(spec, shape):
+    physical = sharding_lib.logical_to_spec(tuple(spec), rules, mesh.axis_names)
+    fixed = []
+    for dim, axes in zip(shape.shape, tuple(physical) + (None,) * (len(shape.shape) - len(physical))):
+      names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+      size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+      fixed.append(axes if dim % size == 0 else None)
+    return NamedSharding(mesh, PartitionSpec(*fixed))
+
+  return jax.tree.map(one, logical_axes, shapes, is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
 def build_state(config, stage: Stage, tx: optax.GradientTransformation, mesh, rules):
   """Returns (jitted init(rng) -> state, state shardings, abstract state). Parameters are created sharded."""
-  param_shardings = sharding_lib.tree_shardings(stage.logical_axes, mesh, rules)
+  param_shardings_ = param_shardings(stage.logical_axes, jax.eval_shape(stage.init, jax.random.PRNGKey(0)),
+                                     mesh, rules)
 
   def init_state(rng):
     params = stage.init(rng)
@@ -204,9 +221,9 @@ def build_state(config, stage: Stage, tx: optax.GradientTransformation, mesh, ru
 
   shapes = jax.eval_shape(init_state, jax.random.PRNGKey(0))
   state_shardings = dict(
-      step=mesh_lib.replicated(mesh), params=param_shardings,
-      opt_state=shardings_like(shapes["opt_state"], param_shardings, shapes["params"], mesh),
-      ema=param_shardings, rng=mesh_lib.replicated(mesh))
+      step=mesh_lib.replicated(mesh), params=param_shardings_,
+      opt_state=shardings_like(shapes["opt_state"], param_shardings_, shapes["params"], mesh),
+      ema=param_shardings_, rng=mesh_lib.replicated(mesh))
   init_fn = jax.jit(init_state, out_shardings=state_shardings)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_shardings)
   return init_fn, state_shardings, abstract
@@ -232,7 +249,7 @@ def batch_shapes(config, stage: Stage, mesh, rules) -> dict[str, jax.ShapeDtypeS
 def build_step(config, stage: Stage, tx, schedule, mesh, rules, state_shardings, abstract_state):
   """The jitted training step, lowered and compiled ahead of time. Returns (compiled step, analysis dict)."""
   ema_decay = float(config.optim.ema_decay)
-  frozen_shardings = (sharding_lib.tree_shardings(stage.frozen_axes, mesh, rules)
+  frozen_shardings = (param_shardings(stage.frozen_axes, stage.frozen, mesh, rules)
                       if stage.frozen is not None else None)
 
   def train_step(state, batch, frozen):
@@ -494,8 +511,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = Fals
   else:
     state = init_fn(jax.random.PRNGKey(int(config.seed)))
   if stage.frozen is not None:
-    frozen_sh = sharding_lib.tree_shardings(stage.frozen_axes, mesh, rules)
-    stage.frozen = jax.device_put(stage.frozen, frozen_sh)
+    stage.frozen = jax.device_put(stage.frozen, param_shardings(stage.frozen_axes, stage.frozen, mesh, rules))
 
   step_fn, analysis, _ = build_step(config, stage, tx, schedule, mesh, rules, state_shardings, abstract_state)
   num_params = layers_lib.count_params(abstract_state["params"])

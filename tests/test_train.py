@@ -1,0 +1,292 @@
+"""The trainer: sharded steps equal the single-device step, bit-exact resume after SIGKILL / SIGTERM, damaged
+checkpoints skipped, restore on other device counts, two processes, falling loss, and clear errors.
+
+Runs on the 8 forced CPU devices that conftest.py sets up. Models are shrunk by config overrides (one code path
+with the real configs) so that each test compiles and runs in seconds.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ap_jax.model import vae as vae_lib
+from ap_jax.train import checkpoint as checkpoint_lib
+from ap_jax.train import config_utils, mesh as mesh_lib, optim as optim_lib, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+# A small autoencoder and denoiser: same code path as configs/tiny.py, fewer channels and blocks.
+SMALL_AE = ["--config.model.vae.channels=8", "--config.model.vae.latent_channels=4", "--config.data.clip_steps=1",
+            "--config.data.global_batch_size=8", "--config.optim.warmup_steps=0", "--config.log_every=1"]
+SMALL_DIT = ["--config.model.dit.width=64", "--config.model.dit.depth=2", "--config.model.dit.heads=4",
+             "--config.model.dit.mlp=128", "--config.data.clip_steps=2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("cache"))
+  old = os.environ.get("AP_JAX_CACHE")
+  os.environ["AP_JAX_CACHE"] = path
+  yield path
+  if old is None:
+    os.environ.pop("AP_JAX_CACHE")
+  else:
+    os.environ["AP_JAX_CACHE"] = old
+
+
+def make_config(arg="autoencoder,runlocal", overrides=()):
+  config = config_utils.load_config(f"{TINY}:{arg}")
+  return config_utils.apply_overrides(config, list(SMALL_AE) + list(overrides))
+
+
+def read_losses(workdir):
+  losses = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      rec = json.loads(line)
+      losses.setdefault(rec["step"], []).append(rec["loss"])
+  return losses
+
+
+# --------------------------------------------------------------------------------------------- sharded step
+
+
+# Adam's first updates are about lr * sign(g) whatever |g| is, so parameters whose gradient is pure float noise
+# (a bias feeding a norm) would differ by up to 2 lr between two correct programs. A large eps makes the update
+# linear in small gradients; the comparison then measures the sharded computation, not sign noise.
+EQUIVALENCE = ["--config.optim.eps=0.001", "--config.optim.warmup_steps=0"]
+
+
+def _one_step(config, stage, devices, batch_np, steps=2):
+  mesh = mesh_lib.build_mesh(config.mesh, devices=devices)
+  rules = mesh_lib.rules_from_config(config)
+  tx, schedule = optim_lib.build_optimizer(config.optim, int(config.total_steps))
+  init_fn, state_sh, abstract = trainer.build_state(config, stage, tx, mesh, rules)
+  step_fn, _, frozen_sh = trainer.build_step(config, stage, tx, schedule, mesh, rules, state_sh, abstract)
+  state = init_fn(jax.random.PRNGKey(0))
+  frozen = jax.device_put(stage.frozen, frozen_sh) if stage.frozen is not None else None
+  batch_sh = mesh_lib.batch_sharding(mesh, rules)
+  losses = []
+  for _ in range(steps):
+    batch = {k: jax.device_put(batch_np[k], batch_sh) for k in stage.batch_keys}
+    state, metrics = step_fn(state, batch, frozen)
+    losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state["params"]), state
+
+
+@pytest.mark.parametrize("mesh", [dict(data=8), dict(fsdp=8), dict(data=2, fsdp=2, tensor=2)],
+                         ids=["data8", "fsdp8", "data2_fsdp2_tensor2"])
+def test_sharded_denoiser_step_matches_single_device(mesh):
+  config = make_config("runlocal", SMALL_DIT + EQUIVALENCE + [f"--config.mesh.{k}={v}" for k, v in
+                                                dict(dict(data=1, fsdp=1, context=1, tensor=1), **mesh).items()])
+  vae_params = vae_lib.vae_init(jax.random.PRNGKey(1), config.model)
+  stage = trainer.build_stage(config, frozen=vae_params, meta=dict(latent_shift=0.0, latent_scale=1.0))
+  batch = next(trainer.build_data(config))
+  single_cfg = make_config("runlocal", SMALL_DIT + EQUIVALENCE)  # mesh data=-1 over one device
+  ref_losses, ref_params, _ = _one_step(single_cfg, stage, jax.devices()[:1], batch)
+  losses, params, state = _one_step(config, stage, jax.devices(), batch)
+  # Float32 sums reduce in another order across shards: agreement to ~1e-5 relative, not bitwise.
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6), params, ref_params)
+  # The parameters really are sharded as the rules say (fsdp shards the embed dimension).
+  sharded = [leaf for leaf in jax.tree.leaves(state["params"])
+             if leaf.sharding.shard_shape(leaf.shape) != leaf.shape]
+  if mesh.get("fsdp", 1) > 1 or mesh.get("tensor", 1) > 1:
+    assert len(sharded) > len(jax.tree.leaves(state["params"])) // 3
+  else:
+    assert not sharded  # pure data parallel replicates the parameters
+
+
+def test_sharded_autoencoder_step_matches_single_device():
+  config = make_config(overrides=["--config.mesh.data=1", "--config.mesh.fsdp=8"] + EQUIVALENCE)
+  stage = trainer.build_stage(config)
+  batch = next(trainer.build_data(config))
+  ref_losses, ref_params, _ = _one_step(make_config(overrides=EQUIVALENCE), stage, jax.devices()[:1], batch)
+  losses, params, _ = _one_step(config, stage, jax.devices(), batch)
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6), params, ref_params)
+
+
+# ----------------------------------------------------------------------------------------- kill and resume
+
+
+def _train_cmd(workdir, total, extra=()):
+  return [sys.executable, "-m", "ap_jax", "train", "--config", f"{TINY}:autoencoder,runlocal", "--workdir", workdir,
+          "--no-progress", *SMALL_AE, f"--config.total_steps={total}", "--config.checkpoint_every=5",
+          "--config.async_checkpointing=false", *extra]
+
+
+def _run(cmd, **kw):
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return r
+
+
+def _interrupt_at(cmd, workdir, step, sig):
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  try:
+    while True:
+      assert proc.poll() is None, f"training ended before step {step}: {proc.stderr.read()[-2000:]}"
+      assert time.time() < deadline, "training too slow to reach the interrupt step"
+      if os.path.exists(metrics) and any(json.loads(l)["step"] >= step for l in open(metrics) if l.strip()):
+        break
+      time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  _run(_train_cmd(workdir, 20))
+  return read_losses(workdir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_interrupted_and_resumed_run_repeats_the_losses(sig, straight_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  code = _interrupt_at(_train_cmd(workdir, 20), workdir, 11, sig)
+  saved = checkpoint_lib.Checkpointer(workdir, async_save=False).all_steps()
+  if sig == signal.SIGTERM:
+    assert code == 0, "SIGTERM should finish the step, save and exit cleanly"
+    assert max(saved) >= 11, f"no checkpoint at the interrupted step: {saved}"
+  else:
+    assert code == -signal.SIGKILL
+  _run(_train_cmd(workdir, 20))
+  resumed = read_losses(workdir)
+  assert sorted(resumed) == list(range(1, 21))
+  for step, values in resumed.items():
+    for value in values:  # steps logged before the kill and again after the resume must agree too
+      assert value == straight_run[step][0], f"step {step}: {value} != {straight_run[step][0]}"
+
+
+def test_damaged_checkpoint_is_skipped_for_the_previous_one(straight_run, tmp_path):
+  workdir = str(tmp_path / "damaged")
+  _run(_train_cmd(workdir, 10))
+  step_dir = os.path.join(workdir, "checkpoints", "10", "state")
+  files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs if os.path.getsize(os.path.join(r, f))]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 3)
+  r = _run(_train_cmd(workdir, 15))
+  assert "checkpoint at step 10 cannot be restored" in r.stderr
+  assert os.listdir(os.path.join(workdir, "checkpoints_damaged"))
+  resumed = read_losses(workdir)
+  for step in range(6, 16):  # resumed from step 5: steps 6.. repeat the uninterrupted run
+    assert resumed[step][-1] == straight_run[step][0]
+
+
+# ------------------------------------------------------------------------------------- other device counts
+
+
+def test_restore_on_a_different_device_count(tmp_path):
+  config = make_config(overrides=["--config.mesh.data=1", "--config.mesh.fsdp=8"])
+  stage = trainer.build_stage(config)
+  rules = mesh_lib.rules_from_config(config)
+  tx, _ = optim_lib.build_optimizer(config.optim, 10)
+  mesh8 = mesh_lib.build_mesh(config.mesh)
+  init_fn, _, _ = trainer.build_state(config, stage, tx, mesh8, rules)
+  state = init_fn(jax.random.PRNGKey(3))
+  data_iter = trainer.build_data(config)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(1, state, data_iter, {"fingerprint": "x"})
+  ckpt.wait()
+  expected = jax.device_get(state["params"])
+  for devices, mesh_cfg in ((jax.devices()[:1], dict(data=1, fsdp=1)), (jax.devices()[:4], dict(data=2, fsdp=2))):
+    cfg = make_config(overrides=[f"--config.mesh.{k}={v}" for k, v in mesh_cfg.items()])
+    mesh = mesh_lib.build_mesh(cfg.mesh, devices=devices)
+    _, _, abstract = trainer.build_state(cfg, stage, tx, mesh, rules)
+    step, restored, _ = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False).restore_latest(
+        abstract, trainer.build_data(cfg))
+    assert step == 1
+    leaf = jax.tree.leaves(restored["params"])[0]
+    assert leaf.sharding.mesh.devices.size == len(devices)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored["params"]), expected)
+
+
+# ------------------------------------------------------------------------------------------- two processes
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+  common = ["--config.total_steps=4", "--config.checkpoint_every=2"]
+  single = str(tmp_path / "single")
+  env1 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  _run(_train_cmd(single, 4, common), env=env1)
+  multi = str(tmp_path / "multi")
+  port = _free_port()
+  env2 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(_train_cmd(multi, 4, common + [f"--coordinator=127.0.0.1:{port}",
+                                                            "--num-processes=2", f"--process-id={i}"]),
+                            env=env2, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  errors = [p.communicate(timeout=600)[1] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errors)
+  one, two = read_losses(single), read_losses(multi)
+  assert sorted(two) == [1, 2, 3, 4]
+  for step in one:
+    np.testing.assert_allclose(two[step][0], one[step][0], rtol=1e-5)
+  assert "process 0 of 2" in errors[0] or "2 process(es)" in errors[0]
+
+
+# ------------------------------------------------------------------------------------------------ learning
+
+
+def test_tiny_autoencoder_loss_falls(tmp_path):
+  config = make_config(overrides=["--config.total_steps=40", "--config.checkpoint_every=40",
+                                  "--config.optim.learning_rate=0.003"])
+  summary = trainer.train(config, str(tmp_path), progress=False)
+  losses = [h["loss"] for h in summary["history"]]
+  first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+  assert last < 0.6 * first, f"loss went from {first:.3f} to {last:.3f}"
+  assert os.path.exists(os.path.join(str(tmp_path), "loss.png"))
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_gets_clear_errors(tmp_path):
+  config = make_config()
+  with pytest.raises(config_utils.ConfigError, match=r"no key 'optim.learning_rte'; did you mean optim.learning_rate"):
+    config_utils.apply_overrides(config, ["--config.optim.learning_rte=0.1"])
+  with pytest.raises(config_utils.ConfigError, match="got a str, expected a int"):
+    config_utils.apply_overrides(config, ["--config.total_steps=many"])
+  with pytest.raises(mesh_lib.MeshError, match="needs 6 devices, but there are 8"):
+    mesh_lib.build_mesh(make_config(overrides=["--config.mesh.data=3", "--config.mesh.fsdp=2"]).mesh)
+  with pytest.raises(mesh_lib.MeshError, match="does not divide the 8 devices"):
+    mesh_lib.build_mesh(make_config(overrides=["--config.mesh.data=-1", "--config.mesh.fsdp=3"]).mesh)
+  bad_batch = make_config(overrides=["--config.data.global_batch_size=6"])
+  with pytest.raises(mesh_lib.MeshError, match="global batch 6 does not divide over the 8 batch shards"):
+    trainer.train(bad_batch, str(tmp_path / "b"), progress=False)
+  # A workdir holding another model's checkpoint is refused, naming both.
+  workdir = str(tmp_path / "w")
+  trainer.train(make_config(overrides=["--config.total_steps=1", "--config.checkpoint_every=1"]), workdir,
+                progress=False)
+  other = make_config(overrides=["--config.total_steps=2", "--config.model.vae.latent_channels=8"])
+  with pytest.raises(trainer.TrainError, match="holds a checkpoint of another model"):
+    trainer.train(other, workdir, progress=False)
+  summary = trainer.train(other, workdir, fresh=True, progress=False)
+  assert summary["start_step"] == 0
+  with pytest.raises(trainer.TrainError, match="needs --config.autoencoder_workdir"):
+    trainer.train(make_config("runlocal"), str(tmp_path / "d"), progress=False)
