@@ -127,7 +127,7 @@ class ApJaxRollouts(tfds.core.GeneratorBasedBuilder):
     seeds = [self._spec.seed + SPLIT_SEED_OFFSETS[split] + i for i in range(count)]
     for episode in generate(self._spec, seeds):
       schema.validate_episode(episode, where=f"{split} episode seed {episode['seed']}")
-      yield episode["seed"], episode
+      yield int(episode["seed"]), episode
 
 
 def generate(spec: GenerationSpec, seeds: list[int]) -> Iterator[dict[str, Any]]:
@@ -155,10 +155,14 @@ def _generate_builtin(spec: GenerationSpec, seeds: list[int]) -> Iterator[dict[s
 
 
 def meltingpot_episode_plan(spec: GenerationSpec, seed: int) -> tuple[str, int]:
-  """(substrate, num_players) of a Melting Pot episode, drawn from its seed."""
+  """(substrate, num_players) of a Melting Pot episode, drawn from its seed: a substrate, then one of the player
+  counts that substrate allows within `spec.players` (some allow only a few, e.g. paintball even counts)."""
+  from ap_jax.data import meltingpot
+
   rng = np.random.default_rng(np.uint64(seed) + np.uint64(0x5EED))
   substrate = spec.substrates[int(rng.integers(len(spec.substrates)))]
-  return substrate, int(rng.integers(spec.players[0], spec.players[1] + 1))
+  allowed = [n for n in meltingpot.player_counts(substrate) if spec.players[0] <= n <= spec.players[1]]
+  return substrate, int(allowed[int(rng.integers(len(allowed)))])
 
 
 def _meltingpot_worker(args: tuple[GenerationSpec, int]) -> dict[str, Any]:
@@ -171,15 +175,29 @@ def _meltingpot_worker(args: tuple[GenerationSpec, int]) -> dict[str, Any]:
 
 
 def _generate_meltingpot(spec: GenerationSpec, seeds: list[int]) -> Iterator[dict[str, Any]]:
+  import logging
+
   if not spec.substrates:
     raise ValueError("a Melting Pot dataset needs substrates (e.g. --substrates coins,commons_harvest__open)")
   work = [(spec, s) for s in seeds]
+
+  def full_length(episodes):
+    # A substrate may end an episode early (e.g. *_in_the_matrix__one_shot); the dataset holds fixed-length
+    # episodes, so those are left out (and logged) rather than padded with frames that never happened.
+    for ep in episodes:
+      if ep["actions"].shape[0] == spec.steps:
+        yield ep
+      else:
+        logging.getLogger(__name__).warning(
+            "Melting Pot %s seed %d ended after %d of %d steps: left out", ep["substrate"], ep["seed"],
+            ep["actions"].shape[0], spec.steps)
+
   if spec.workers <= 1:
-    yield from map(_meltingpot_worker, work)
+    yield from full_length(map(_meltingpot_worker, work))
     return
   # Environments are single-threaded: one process per core. Spawn, not fork: the parent has JAX threads.
   with multiprocessing.get_context("spawn").Pool(spec.workers) as pool:
-    yield from pool.imap(_meltingpot_worker, work, chunksize=1)
+    yield from full_length(pool.imap(_meltingpot_worker, work, chunksize=1))
 
 
 def check_spec(spec: GenerationSpec) -> GenerationSpec:
@@ -210,7 +228,9 @@ def check_spec(spec: GenerationSpec) -> GenerationSpec:
     if unknown:
       raise ValueError(f"unknown Melting Pot substrate(s) {unknown}: expected names from {', '.join(valid)}")
     for name in substrates:
-      meltingpot.check_num_players(name, lo)
-      meltingpot.check_num_players(name, hi)
+      allowed = meltingpot.player_counts(name)
+      if not any(lo <= n <= hi for n in allowed):
+        raise ValueError(f"players = {lo}-{hi}, but Melting Pot substrate {name!r} allows only "
+                         f"{', '.join(map(str, allowed))} players")
     return dataclasses.replace(spec, substrates=tuple(substrates))
   raise ValueError(f"unknown source {spec.source!r}: expected 'builtin' or 'meltingpot'")
