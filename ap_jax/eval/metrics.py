@@ -1,0 +1,247 @@
+"""Metrics of a generated rollout against the true game, and their aggregation into a results dict and a table.
+
+A rollout of T steps is T+1 generated frames `gen_frames_THWC` (index 0 is the conditioning frame the model was
+given, indices 1..T are generated) and the true game's replay of the same actions from the same seed (`truth`, as
+`ap_jax.eval.replay` returns it). Every metric is scored per rollout step t = 1..T (and per player p where it is a
+per-player metric); arrays of scores have shape [T, P] or [T], row t-1 holding step t. Aggregates pool all
+(player, step) instances (micro average), so an episode with more players weighs more, as in the paper's
+per-player accounting.
+
+Players in generated frames are found by `ap_jax.eval.detector.detect` (built-in game only).
+
+Metric definitions (these are the README's):
+- movement_accuracy: the fraction of (player, step) instances in which the generated frames show the effect that
+  the true game shows. For player p at step t the generated effect is read from frames t-1 and t: the change in
+  the detected cell and the change in the detected facing (mod 4). It is correct iff p is detected exactly once in
+  both generated frames and both changes equal the true game's (so: moved to the same neighbouring cell, turned to
+  the same facing, or stayed, including staying when the true game blocked the move). The effect is relative, so
+  one early mistake does not fail every later step.
+- state_accuracy: the fraction of (player, step) instances in which p is detected exactly once in generated frame
+  t, in its true cell, with its true facing (absolute; drift accumulates). Reported beside movement accuracy.
+- subject_preservation: the fraction of (player, step) instances in which p is detected exactly once in generated
+  frame t (by its colour, which is its identity): not lost, not duplicated, not turned into another colour. Two
+  players that swap sprites are each still detected once; that failure shows in movement accuracy instead.
+- extra_players: the fraction of generated frames (steps) that show a player in a colour of no player of the
+  episode.
+- tracking_error_px: the Euclidean distance in pixels between the model's predicted coordinates of player p after
+  step t and p's true pixel centre, averaged over (player, step) instances.
+- psnr: per generated frame t, 10 log10(255^2 / MSE) over all pixels and channels on the 0-255 scale, capped at
+  `PSNR_CAP_DB` (identical frames), averaged over frames.
+- ssim: per generated frame t, the SSIM of Wang et al. (2004) with an 11 x 11 Gaussian window (sigma 1.5),
+  K1 = 0.01, K2 = 0.03, L = 255, computed on each RGB channel over the window positions that lie fully inside the
+  frame ('valid', as the reference MATLAB code), averaged over positions and channels, then over frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ap_jax import actions as A
+from ap_jax.eval import detector as detector_lib
+
+PSNR_CAP_DB = 100.0
+SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2, SSIM_L = 11, 1.5, 0.01, 0.03, 255.0
+
+PER_PLAYER_METRICS = ("movement_accuracy", "state_accuracy", "subject_preservation", "tracking_error_px")
+PER_FRAME_METRICS = ("extra_players", "psnr", "ssim")
+METRICS = PER_PLAYER_METRICS + PER_FRAME_METRICS
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Per-rollout scores.
+
+
+def movement_accuracy(det: detector_lib.Detections, true_cells_TP2: np.ndarray, true_orientations_TP: np.ndarray
+                      ) -> np.ndarray:
+  """bool [T, P]: did generated step t (frames t-1 -> t) show player p's true effect? See the module docstring.
+
+  `det` holds detections of the T+1 generated frames; true_cells [T+1, P, 2] and true_orientations [T+1, P].
+  """
+  once = det.count_NP == 1
+  moved_gen = det.cells_NP2[1:] - det.cells_NP2[:-1]
+  moved_true = true_cells_TP2[1:] - true_cells_TP2[:-1]
+  turned_gen = (det.facing_NP[1:] - det.facing_NP[:-1]) % A.NUM_ORIENTATIONS
+  turned_true = (true_orientations_TP[1:] - true_orientations_TP[:-1]) % A.NUM_ORIENTATIONS
+  return once[1:] & once[:-1] & np.all(moved_gen == moved_true, axis=-1) & (turned_gen == turned_true)
+
+
+def state_accuracy(det: detector_lib.Detections, true_cells_TP2: np.ndarray, true_orientations_TP: np.ndarray
+                   ) -> np.ndarray:
+  """bool [T, P]: is player p detected exactly once in generated frame t, in its true cell with its true facing?"""
+  return ((det.count_NP[1:] == 1) & np.all(det.cells_NP2[1:] == true_cells_TP2[1:], axis=-1)
+          & (det.facing_NP[1:] == true_orientations_TP[1:]))
+
+
+def subject_preservation(det: detector_lib.Detections) -> np.ndarray:
+  """bool [T, P]: is player p detected exactly once (by its own colour) in generated frame t, t = 1..T?"""
+  return det.count_NP[1:] == 1
+
+
+def tracking_error_px(pred_positions: np.ndarray, true_positions_TP2: np.ndarray) -> np.ndarray:
+  """float32 [T, P]: Euclidean pixel distance between predicted and true (y, x) pixel centres after step t.
+
+  `pred_positions` is [T+1, P, 2] (index 0, the given initial position, is dropped) or [T, P, 2] (steps 1..T);
+  `true_positions_TP2` is [T+1, P, 2].
+  """
+  pred = np.asarray(pred_positions, np.float32)
+  true = np.asarray(true_positions_TP2, np.float32)[1:]
+  if pred.shape[0] == true.shape[0] + 1:
+    pred = pred[1:]
+  if pred.shape != true.shape:
+    raise ValueError(f"predicted positions have shape {pred.shape}, expected {true.shape} (steps 1..T) or "
+                     f"{(true.shape[0] + 1, *true.shape[1:])} (with the initial positions)")
+  return np.linalg.norm(pred - true, axis=-1).astype(np.float32)
+
+
+def psnr(gen_frames: np.ndarray, true_frames: np.ndarray) -> np.ndarray:
+  """float32 [...]: PSNR in dB of each frame [..., H, W, 3] on the 0-255 scale, capped at PSNR_CAP_DB."""
+  gen, true = _pair(gen_frames, true_frames)
+  mse = np.mean((gen.astype(np.float64) - true) ** 2, axis=(-3, -2, -1))
+  with np.errstate(divide="ignore"):
+    db = 10.0 * np.log10(SSIM_L**2 / mse)
+  return np.minimum(db, PSNR_CAP_DB).astype(np.float32)
+
+
+def _gaussian_window() -> np.ndarray:
+  r = SSIM_WINDOW // 2
+  g = np.exp(-0.5 * (np.arange(-r, r + 1) / SSIM_SIGMA) ** 2)
+  return g / g.sum()
+
+
+def _filter_valid(x_NHWC: np.ndarray, g: np.ndarray) -> np.ndarray:
+  """Separable Gaussian filter over H and W, keeping only positions where the window lies inside the frame."""
+  k = len(g)
+  x = np.lib.stride_tricks.sliding_window_view(x_NHWC, k, axis=1) @ g  # [N, H-k+1, W, C]
+  return np.lib.stride_tricks.sliding_window_view(x, k, axis=2) @ g  # [N, H-k+1, W-k+1, C]
+
+
+def ssim(gen_frames: np.ndarray, true_frames: np.ndarray) -> np.ndarray:
+  """float32 [...]: SSIM of each frame [..., H, W, 3] (definition in the module docstring); 1.0 iff identical."""
+  gen, true = _pair(gen_frames, true_frames)
+  *lead, h, w, c = gen.shape
+  if h < SSIM_WINDOW or w < SSIM_WINDOW:
+    raise ValueError(f"frames are {h} x {w} px, expected at least {SSIM_WINDOW} x {SSIM_WINDOW} for SSIM's window")
+  x = gen.reshape(-1, h, w, c).astype(np.float64)
+  y = true.reshape(-1, h, w, c).astype(np.float64)
+  g = _gaussian_window()
+  mu_x, mu_y = _filter_valid(x, g), _filter_valid(y, g)
+  var_x = _filter_valid(x * x, g) - mu_x**2
+  var_y = _filter_valid(y * y, g) - mu_y**2
+  cov = _filter_valid(x * y, g) - mu_x * mu_y
+  c1, c2 = (SSIM_K1 * SSIM_L) ** 2, (SSIM_K2 * SSIM_L) ** 2
+  ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+  return ssim_map.mean(axis=(1, 2, 3)).reshape(lead).astype(np.float32)
+
+
+def _pair(gen_frames: np.ndarray, true_frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  gen, true = detector_lib.to_uint8_scale(gen_frames), detector_lib.to_uint8_scale(true_frames)
+  if gen.shape != true.shape or gen.shape[-1:] != (3,):
+    raise ValueError(f"generated frames {gen.shape} and true frames {true.shape} differ, expected both [..., H, W, 3]")
+  return gen, true
+
+
+def score_rollout(gen_frames_THWC: np.ndarray, truth: Mapping[str, Any], *,
+                  pred_positions: np.ndarray | None = None,
+                  max_rms: float = detector_lib.DEFAULT_MAX_RMS) -> dict[str, Any]:
+  """Scores one generated rollout against the true game's replay of its actions (built-in game).
+
+  gen_frames_THWC: [T+1, H, W, 3], uint8 or float in [-1, 1]; index 0 is the conditioning frame. `truth`: the
+  dict of `replay.replay_builtin` (frames, cells, positions, orientations, colors, cell_size) for the same T
+  actions. `pred_positions`: the model's predicted pixel centres [T+1 or T, P, 2], if it predicts them.
+  Returns per-step scores: num_players, and movement_accuracy / state_accuracy / subject_preservation (bool
+  [T, P]), tracking_error_px (float [T, P] or None), extra_players (bool [T]), psnr and ssim (float [T]).
+  """
+  if truth.get("source", "builtin") != "builtin" or "cells" not in truth:
+    raise ValueError("score_rollout needs built-in-game truth (replay.replay_builtin): the Melting Pot detector "
+                     "is not built yet")
+  true_frames = np.asarray(truth["frames"])
+  gen = np.asarray(gen_frames_THWC)
+  if gen.shape != true_frames.shape:
+    raise ValueError(f"generated frames have shape {gen.shape}, expected the true frames' {true_frames.shape} "
+                     "([T+1, H, W, 3] with the conditioning frame first)")
+  cells = np.asarray(truth["cells"])
+  orientations = np.asarray(truth["orientations"])
+  det = detector_lib.detect(gen, truth["colors"], int(truth["cell_size"]), max_rms=max_rms)
+  return {
+      "num_players": int(cells.shape[1]),
+      "movement_accuracy": movement_accuracy(det, cells, orientations),
+      "state_accuracy": state_accuracy(det, cells, orientations),
+      "subject_preservation": subject_preservation(det),
+      "tracking_error_px": (None if pred_positions is None
+                            else tracking_error_px(pred_positions, np.asarray(truth["positions"]))),
+      "extra_players": det.extra_N[1:] > 0,
+      "psnr": psnr(gen[1:], true_frames[1:]),
+      "ssim": ssim(gen[1:], true_frames[1:]),
+  }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Aggregation and reporting.
+
+
+def _pool(scores: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+  """Micro averages over every (player, step) or frame instance in `scores` (None where nothing was measured)."""
+  out: dict[str, float | None] = {}
+  for name in METRICS:
+    parts = [np.asarray(s[name], np.float64).ravel() for s in scores if s.get(name) is not None]
+    values = np.concatenate(parts) if parts else np.zeros((0,))
+    out[name] = float(values.mean()) if values.size else None
+  out["player_steps"] = int(sum(np.asarray(s["subject_preservation"]).size for s in scores))
+  return out
+
+
+def _steps_slice(score: Mapping[str, Any], t: int) -> dict[str, Any]:
+  return {k: (v[t - 1:t] if isinstance(v, np.ndarray) else v) for k, v in score.items()}
+
+
+def aggregate(scores: Sequence[Mapping[str, Any]], *, detector: Mapping[str, Any] | None = None
+              ) -> dict[str, Any]:
+  """Aggregates `score_rollout` outputs into the results dict that `results.json` holds.
+
+  Top level: each metric pooled over every rollout, `episodes`, `player_steps`, and `detector` (its accuracy on
+  real frames, `detector.detector_accuracy`, if given). `by_players[n]`: the same over rollouts with n players.
+  `by_step[t]`: the same over rollout step t of every rollout that has one. Keys of the breakdowns are strings
+  (JSON object keys).
+  """
+  if not scores:
+    raise ValueError("no rollouts to aggregate, expected at least one score_rollout result")
+  results: dict[str, Any] = dict(_pool(scores), episodes=len(scores))
+  if detector is not None:
+    results["detector"] = dict(detector)
+  results["by_players"] = {
+      str(n): dict(_pool([s for s in scores if s["num_players"] == n]),
+                   episodes=sum(s["num_players"] == n for s in scores))
+      for n in sorted({s["num_players"] for s in scores})
+  }
+  max_steps = max(len(s["psnr"]) for s in scores)
+  results["by_step"] = {
+      str(t): _pool([_steps_slice(s, t) for s in scores if len(s["psnr"]) >= t]) for t in range(1, max_steps + 1)
+  }
+  return results
+
+
+_COLUMNS = (("MA", "movement_accuracy", "{:.3f}"), ("SA", "state_accuracy", "{:.3f}"),
+            ("SP", "subject_preservation", "{:.3f}"), ("track px", "tracking_error_px", "{:.2f}"),
+            ("extra", "extra_players", "{:.3f}"), ("PSNR dB", "psnr", "{:.2f}"), ("SSIM", "ssim", "{:.3f}"))
+
+
+def _row(label: str, row: Mapping[str, Any]) -> str:
+  cells = [label] + [("-" if row.get(key) is None else fmt.format(row[key])) for _, key, fmt in _COLUMNS]
+  return "| " + " | ".join(cells + [str(row["player_steps"])]) + " |"
+
+
+def markdown_table(results: Mapping[str, Any]) -> str:
+  """The results as Markdown: one row for all rollouts, then one per player count, then one per rollout step.
+  MA = movement accuracy, SA = state accuracy, SP = subject preservation, extra = frames with a foreign player."""
+  header = "| | " + " | ".join(name for name, _, _ in _COLUMNS) + " | player-steps |"
+  lines = [header, "|" + "---|" * (len(_COLUMNS) + 2), _row("all", results)]
+  lines += [_row(f"{n} players", row) for n, row in results["by_players"].items()]
+  lines += [_row(f"step {t}", row) for t, row in results["by_step"].items()]
+  if "detector" in results:
+    det = results["detector"]
+    lines.append("")
+    lines.append(f"Detector on real frames: {det['player_accuracy']:.4f} of {det['player_instances']} player "
+                 f"instances exact (cell and facing); false detections in {det['false_detections']:.4f} of frames.")
+  return "\n".join(lines)
