@@ -214,6 +214,26 @@ def test_duplicated_player_fails_preservation(truth3):
   assert _mean(scores, "subject_preservation") == pytest.approx(1 - 1 / scores["subject_preservation"].size)
 
 
+def test_interact_accuracy_sees_an_item_that_does_not_vanish(episodes):
+  truths = [replay.replay_episode(ep) for ep in episodes]
+  scores = [metrics.score_rollout(t["frames"], t) for t in truths]
+  scored = [np.argwhere(~np.isnan(s["interact_accuracy"])) for s in scores]
+  total = sum(len(w) for w in scored)
+  assert total >= 2, "the fixture episodes should hold items collected by INTERACT"
+  assert metrics.aggregate(scores)["interact_accuracy"] == 1.0
+  # Paint the first collected item back into the frame after its collection: that instance must fail.
+  i = next(i for i, w in enumerate(scored) if len(w))
+  t, p = scored[i][0]
+  truth = truths[i]
+  front = truth["cells"][t, p] + A.ORIENTATION_DELTAS[truth["orientations"][t, p]]
+  frames = truth["frames"].copy()
+  _tile(frames[t + 1], front)[:] = gridgame.sprite_atlas(S)[gridgame.SPRITE_ITEM]
+  scores[i] = metrics.score_rollout(frames, truth)
+  results = metrics.aggregate(scores)
+  assert results["interact_instances"] == total
+  assert results["interact_accuracy"] == pytest.approx(1 - 1 / total)
+
+
 def test_tracking_error_is_euclidean_pixels(truth3):
   pred = truth3["positions"] + np.array([3.0, 4.0], np.float32)
   np.testing.assert_allclose(metrics.score_rollout(truth3["frames"], truth3, pred_positions=pred)

@@ -6,18 +6,19 @@ frames can be fed in as if generated (the metrics must then be perfect; tests/te
 
   detector      `detect(frames, colors, cell_size)`: each player's identity, cell, facing and count per frame.
   replay        `replay_builtin`, `replay_episode`: the true frames and states for a seed and an action sequence.
-  metrics       per-rollout scores, their aggregation by player count and rollout step, a Markdown table.
+  metrics       per-rollout scores (movement, state and INTERACT accuracy, subject preservation, tracking error,
+                PSNR, SSIM); their aggregation by player count and rollout step, a Markdown table.
   action_files  `load_action_file(path) -> (actions [T, P], meta)` with errors that name the bad entry.
 """
 
 from ap_jax.eval.action_files import load_action_file, parse_actions
 from ap_jax.eval.detector import Detections, detect, detector_accuracy
-from ap_jax.eval.metrics import (aggregate, markdown_table, psnr, score_rollout, ssim, subject_preservation,
-                                 movement_accuracy, tracking_error_px)
+from ap_jax.eval.metrics import (aggregate, interact_accuracy, markdown_table, movement_accuracy, psnr,
+                                 score_rollout, ssim, state_accuracy, subject_preservation, tracking_error_px)
 from ap_jax.eval.replay import replay_builtin, replay_episode
 
 __all__ = [
-    "Detections", "aggregate", "detect", "detector_accuracy", "load_action_file", "markdown_table",
-    "movement_accuracy", "parse_actions", "psnr", "replay_builtin", "replay_episode", "score_rollout", "ssim",
-    "subject_preservation", "tracking_error_px",
+    "Detections", "aggregate", "detect", "detector_accuracy", "interact_accuracy", "load_action_file",
+    "markdown_table", "movement_accuracy", "parse_actions", "psnr", "replay_builtin", "replay_episode",
+    "score_rollout", "ssim", "state_accuracy", "subject_preservation", "tracking_error_px",
 ]

@@ -21,6 +21,10 @@ Metric definitions (these are the README's):
 - subject_preservation: the fraction of (player, step) instances in which p is detected exactly once in generated
   frame t (by its colour, which is its identity): not lost, not duplicated, not turned into another colour. Two
   players that swap sprites are each still detected once; that failure shows in movement accuracy instead.
+- interact_accuracy: over the (player, step) instances in which the player's action is INTERACT and the true game
+  collects an item by it (true frame t-1 shows an item, with no player over it, in the cell the player faces), the
+  fraction in which the generated frames show an item in that cell at t-1 and none at t. None when no rollout
+  has such an instance.
 - extra_players: the fraction of generated frames (steps) that show a player in a colour of no player of the
   episode.
 - tracking_error_px: the Euclidean distance in pixels between the model's predicted coordinates of player p after
@@ -44,7 +48,8 @@ from ap_jax.eval import detector as detector_lib
 PSNR_CAP_DB = 100.0
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2, SSIM_L = 11, 1.5, 0.01, 0.03, 255.0
 
-PER_PLAYER_METRICS = ("movement_accuracy", "state_accuracy", "subject_preservation", "tracking_error_px")
+PER_PLAYER_METRICS = ("movement_accuracy", "state_accuracy", "subject_preservation", "tracking_error_px",
+                      "interact_accuracy")
 PER_FRAME_METRICS = ("extra_players", "psnr", "ssim")
 METRICS = PER_PLAYER_METRICS + PER_FRAME_METRICS
 
@@ -77,6 +82,24 @@ def state_accuracy(det: detector_lib.Detections, true_cells_TP2: np.ndarray, tru
 def subject_preservation(det: detector_lib.Detections) -> np.ndarray:
   """bool [T, P]: is player p detected exactly once (by its own colour) in generated frame t, t = 1..T?"""
   return det.count_NP[1:] == 1
+
+
+def interact_accuracy(det: detector_lib.Detections, truth: Mapping[str, Any]) -> np.ndarray:
+  """float32 [T, P]: 1.0 / 0.0 where player p collects an item with INTERACT at step t in the true game and the
+  generated frames show (1.0) or do not show (0.0) that item vanish; NaN where that is not the case (not scored)."""
+  actions_TP = np.asarray(truth["actions"])
+  cells, facing, items = np.asarray(truth["cells"]), np.asarray(truth["orientations"]), np.asarray(truth["items"])
+  ny, nx = items.shape[1:]
+  front = cells[:-1] + A.ORIENTATION_DELTAS[facing[:-1]]  # [T, P, 2]
+  inside = np.all((front >= 0) & (front < np.array([ny, nx])), axis=-1)
+  fy, fx = np.clip(front[..., 0], 0, ny - 1), np.clip(front[..., 1], 0, nx - 1)
+  steps = np.arange(actions_TP.shape[0])[:, None]
+  # Scored only where true frame t-1 shows the item: a player standing on an item hides it.
+  covered = np.any(np.all(front[:, :, None, :] == cells[:-1, None, :, :], axis=-1), axis=-1)
+  collects = (actions_TP == A.INTERACT) & inside & items[steps, fy, fx] & ~covered
+  shown_before = det.kind_NYX[steps, fy, fx] == detector_lib.KIND_ITEM
+  shown_after = det.kind_NYX[steps + 1, fy, fx] == detector_lib.KIND_ITEM
+  return np.where(collects, (shown_before & ~shown_after).astype(np.float32), np.nan).astype(np.float32)
 
 
 def tracking_error_px(pred_positions: np.ndarray, true_positions_TP2: np.ndarray) -> np.ndarray:
@@ -151,7 +174,8 @@ def score_rollout(gen_frames_THWC: np.ndarray, truth: Mapping[str, Any], *,
   dict of `replay.replay_builtin` (frames, cells, positions, orientations, colors, cell_size) for the same T
   actions. `pred_positions`: the model's predicted pixel centres [T+1 or T, P, 2], if it predicts them.
   Returns per-step scores: num_players, and movement_accuracy / state_accuracy / subject_preservation (bool
-  [T, P]), tracking_error_px (float [T, P] or None), extra_players (bool [T]), psnr and ssim (float [T]).
+  [T, P]), tracking_error_px (float [T, P] or None), interact_accuracy (float [T, P], NaN where not scored),
+  extra_players (bool [T]), psnr and ssim (float [T]).
   """
   if truth.get("source") != "builtin":
     raise ValueError(f"truth comes from source {truth.get('source')!r}, expected 'builtin' (replay.replay_builtin): "
@@ -171,6 +195,7 @@ def score_rollout(gen_frames_THWC: np.ndarray, truth: Mapping[str, Any], *,
       "subject_preservation": subject_preservation(det),
       "tracking_error_px": (None if pred_positions is None
                             else tracking_error_px(pred_positions, np.asarray(truth["positions"]))),
+      "interact_accuracy": interact_accuracy(det, truth),
       "extra_players": det.extra_N[1:] > 0,
       "psnr": psnr(gen[1:], true_frames[1:]),
       "ssim": ssim(gen[1:], true_frames[1:]),
@@ -187,8 +212,10 @@ def _pool(scores: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
   for name in METRICS:
     parts = [np.asarray(s[name], np.float64).ravel() for s in scores if s.get(name) is not None]
     values = np.concatenate(parts) if parts else np.zeros((0,))
+    values = values[~np.isnan(values)]  # NaN marks an instance the metric does not score
     out[name] = float(values.mean()) if values.size else None
   out["player_steps"] = int(sum(np.asarray(s["subject_preservation"]).size for s in scores))
+  out["interact_instances"] = int(sum(np.sum(~np.isnan(s["interact_accuracy"])) for s in scores))
   return out
 
 
@@ -223,7 +250,8 @@ def aggregate(scores: Sequence[Mapping[str, Any]], *, detector: Mapping[str, Any
 
 
 _COLUMNS = (("MA", "movement_accuracy", "{:.3f}"), ("SA", "state_accuracy", "{:.3f}"),
-            ("SP", "subject_preservation", "{:.3f}"), ("track px", "tracking_error_px", "{:.2f}"),
+            ("SP", "subject_preservation", "{:.3f}"), ("interact", "interact_accuracy", "{:.3f}"),
+            ("track px", "tracking_error_px", "{:.2f}"),
             ("extra", "extra_players", "{:.3f}"), ("PSNR dB", "psnr", "{:.2f}"), ("SSIM", "ssim", "{:.3f}"))
 
 
@@ -234,7 +262,8 @@ def _row(label: str, row: Mapping[str, Any]) -> str:
 
 def markdown_table(results: Mapping[str, Any]) -> str:
   """The results as Markdown: one row for all rollouts, then one per player count, then one per rollout step.
-  MA = movement accuracy, SA = state accuracy, SP = subject preservation, extra = frames with a foreign player."""
+  MA = movement accuracy, SA = state accuracy, SP = subject preservation, interact = INTERACT effect accuracy,
+  extra = frames with a foreign player."""
   header = "| | " + " | ".join(name for name, _, _ in _COLUMNS) + " | player-steps |"
   lines = [header, "|" + "---|" * (len(_COLUMNS) + 2), _row("all", results)]
   lines += [_row(f"{n} players", row) for n, row in results["by_players"].items()]

@@ -9,6 +9,8 @@ Returned arrays (T actions, P players, H, W pixels):
   cells         int32   [T+1, P, 2]     (y, x) grid cell (Melting Pot: of the map, before the canvas offset)
   positions     float32 [T+1, P, 2]     pixel centre on the frame, the dataset's `positions`
   orientations  int32   [T+1, P]
+  items         bool    [T+1, Y, X]     where the items lie (built-in game only)
+  actions       int32   [T, P]          the actions replayed
   colors        uint8   [P, 3]
   cell_size     int
   source        str                     'builtin' or 'meltingpot'
@@ -66,6 +68,8 @@ def replay_builtin(seed: int, layout: str | int, actions_TP: np.ndarray,
       "cells": cells.astype(np.int32),
       "positions": ((cells + 0.5) * config.cell_size).astype(np.float32),
       "orientations": np.asarray(traj["orientations"])[:, :num_players].astype(np.int32),
+      "items": np.asarray(traj["items"]).astype(bool),
+      "actions": actions_TP,
       "colors": gridgame.PLAYER_COLORS[:num_players].copy(),
       "cell_size": int(config.cell_size),
       "source": "builtin",
@@ -84,13 +88,15 @@ def replay_meltingpot(substrate: str, seed: int, actions_TP: np.ndarray, canvas_
   world = raw["world"]
   k, (top, left) = meltingpot.canvas_layout(world.shape[1:3], tuple(canvas_hw), raw["sprite_size"])
   cell_size = raw["sprite_size"] // k
-  frames = np.stack([meltingpot._to_canvas(w, k, (top, left), tuple(canvas_hw)) for w in world])  # pylint: disable=protected-access
+  to_canvas = meltingpot._to_canvas  # pylint: disable=protected-access  # the dataset's own placement
+  frames = np.stack([to_canvas(w, k, (top, left), tuple(canvas_hw)) for w in world])
   positions = np.array([top, left], np.float32) + (raw["cells"].astype(np.float32) + 0.5) * cell_size
   return {
       "frames": frames,
       "cells": raw["cells"].astype(np.int32),
       "positions": positions.astype(np.float32),
       "orientations": raw["orientations"].astype(np.int32),
+      "actions": actions_TP[:len(world) - 1],
       "colors": np.asarray(raw["colors"], np.uint8),
       "cell_size": int(cell_size),
       "source": "meltingpot",
