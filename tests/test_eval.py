@@ -202,6 +202,19 @@ def test_erased_player_fails_preservation_once_and_movement_twice(truth3):
   assert _mean(scores, "state_accuracy") == pytest.approx(1 - 1 / instances)
 
 
+def test_wrong_facing_fails_movement_but_not_preservation(truth3):
+  frames = truth3["frames"].copy()
+  step, p = 3, 1
+  wrong = (truth3["orientations"][step, p] + 2) % 4
+  _tile(frames[step], truth3["cells"][step, p])[:] = gridgame.sprite_atlas(S)[gridgame.SPRITE_PLAYER0 + 4 * p + wrong]
+  scores = metrics.score_rollout(frames, truth3)
+  expected = np.ones_like(scores["movement_accuracy"])
+  expected[[step - 1, step], p] = False  # turned the wrong way at `step`, and back at `step` + 1
+  np.testing.assert_array_equal(scores["movement_accuracy"], expected)
+  assert _mean(scores, "state_accuracy") == pytest.approx(1 - 1 / expected.size)
+  assert _mean(scores, "subject_preservation") == 1.0
+
+
 def test_duplicated_player_fails_preservation(truth3):
   frames = truth3["frames"].copy()
   step, p = 2, 0
