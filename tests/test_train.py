@@ -178,18 +178,18 @@ def test_interrupted_and_resumed_run_repeats_the_losses(sig, straight_run, tmp_p
 
 def test_damaged_checkpoint_is_skipped_for_the_previous_one(straight_run, tmp_path):
   workdir = str(tmp_path / "damaged")
-  _run(_train_cmd(workdir, 10))
+  _interrupt_at(_train_cmd(workdir, 20), workdir, 11, signal.SIGKILL)  # checkpoints at steps 5 and 10
   step_dir = os.path.join(workdir, "checkpoints", "10", "state")
   files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs if os.path.getsize(os.path.join(r, f))]
   biggest = max(files, key=os.path.getsize)
   with open(biggest, "r+b") as f:
     f.truncate(os.path.getsize(biggest) // 3)
-  r = _run(_train_cmd(workdir, 15))
+  r = _run(_train_cmd(workdir, 20))
   assert "checkpoint at step 10 cannot be restored" in r.stderr
   assert os.listdir(os.path.join(workdir, "checkpoints_damaged"))
   resumed = read_losses(workdir)
-  for step in range(6, 16):  # resumed from step 5: steps 6.. repeat the uninterrupted run
-    assert resumed[step][-1] == straight_run[step][0]
+  for step in range(6, 21):  # resumed from step 5: steps 6.. repeat the uninterrupted run
+    assert resumed[step][-1] == straight_run[step][0], f"step {step}"
 
 
 # ------------------------------------------------------------------------------------- other device counts
