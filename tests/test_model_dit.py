@@ -86,23 +86,20 @@ def test_shapes_dtypes_and_logical_axes(overrides):
 
 
 def test_scan_and_remat_match_the_unrolled_loop():
-  """Same outputs and same gradients whether blocks are scanned or unrolled, with or without remat."""
+  """Same outputs whether blocks are scanned or unrolled; same gradients with or without full remat."""
   params = dit.init(jax.random.key(0), small_config())
   inputs = make_inputs(small_config())
+  scanned = run(small_config(), params, inputs)
+  unrolled = run(small_config(scan_layers=False, remat_policy="full"), params, inputs)  # compiled in the shapes test
+  for key in scanned:
+    np.testing.assert_allclose(unrolled[key], scanned[key], atol=1e-5)
 
-  def value_and_grad(cfg):
-    def objective(p):
-      out = dit.apply(p, cfg, inputs)
-      return jnp.sum(out["video"] ** 2) + jnp.sum(out["coords"] ** 2), out
-    return jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
+  def grads(cfg):
+    objective = lambda p: sum(jnp.sum(v ** 2) for v in dit.apply(p, cfg, inputs).values())
+    return jax.jit(jax.grad(objective))(params)
 
-  (_, ref_out), ref_grads = value_and_grad(small_config())
-  for overrides in ({"scan_layers": False, "remat_policy": "dots_saveable"}, {"remat_policy": "full"}):
-    (_, out), grads = value_and_grad(small_config(**overrides))
-    for key in ref_out:
-      np.testing.assert_allclose(out[key], ref_out[key], atol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  for a, b in zip(jax.tree.leaves(grads(small_config(remat_policy="full"))), jax.tree.leaves(grads(small_config()))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def _batch(cfg, seed=0):

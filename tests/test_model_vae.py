@@ -61,10 +61,10 @@ def _game_frames(n_episodes=4, steps=3):
 
 
 def test_learns_to_reconstruct_game_frames(tiny):
-  """60 Adam steps on 8 built-in-game frames (32x32 crops, 4x4 cells, for speed) take PSNR from ~8 dB to well
+  """50 Adam steps on 4 built-in-game frames (32x32 crops, 4x4 cells, for speed) take PSNR from ~8 dB to well
   above 13 dB (a broken encoder, decoder or loss would not)."""
   cfg, params = tiny
-  frames = _game_frames()[:8, :, :32, :32]
+  frames = _game_frames()[::3][:4, :, :32, :32]
   opt = optax.adam(2e-3)
   state = opt.init(params)
 
@@ -75,7 +75,7 @@ def test_learns_to_reconstruct_game_frames(tiny):
     return optax.apply_updates(params, updates), state, metrics
 
   first = None
-  for i in range(60):
+  for i in range(50):
     params, state, metrics = step(params, state, jax.random.key(i))
     first = first if first is not None else float(metrics["psnr"])
   recon = vae.vae_decode(params, cfg, vae.vae_encode(params, cfg, frames))
