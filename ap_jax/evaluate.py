@@ -1,0 +1,377 @@
+"""A trained model against the true game: rollouts from dataset episodes, action files or fresh built-in episodes,
+scored with `ap_jax.eval` and drawn as side-by-side videos. The `ap-jax sample` and `ap-jax eval` commands are thin
+wrappers over this module.
+
+Dimension letters: B rollouts, T steps (actions) per rollout, P players, H, W pixels.
+
+A `Case` is one rollout to run: the initial frame, each player's initial position, the actions, and the truth (the
+true game's replay of the same actions from the same seed: `ap_jax.eval.replay`), when there is one.
+
+Held-out episodes for player counts the dataset lacks (`fresh_builtin_cases`) use seeds
+`generation_seed + FRESH_SEED_OFFSET + 1000 n + i` for n players: disjoint from every dataset split
+(`tfds_builder.SPLIT_SEED_OFFSETS` 0 / 1e8 / 2e8) and from live training episodes (`pipeline.LIVE_SEED_OFFSET`,
+3e8), so the model has never seen them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from ap_jax import actions as A
+from ap_jax import sample as sample_lib
+
+log = logging.getLogger("ap_jax.evaluate")
+
+FRESH_SEED_OFFSET = 400_000_000
+
+
+class EvalError(ValueError):
+  """Inputs that cannot be evaluated (wrong source, too many steps, no detector); names the problem."""
+
+
+@dataclasses.dataclass
+class Case:
+  """One rollout to generate. frame uint8 [H, W, 3]; positions float32 [P, 2] pixel centres (y, x); actions int32
+  [T, P]; colors uint8 [P, 3]; truth: the replay dict (frames [T+1, ...], cells, positions, orientations, ...) or
+  None; name: where it came from (for logs and JSON)."""
+
+  frame: np.ndarray
+  positions: np.ndarray
+  actions: np.ndarray
+  colors: np.ndarray
+  truth: dict[str, Any] | None
+  name: str
+  seed: int
+  info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def num_players(self) -> int:
+    return int(self.actions.shape[1])
+
+
+# ------------------------------------------------------------------------------------------------- cases
+
+
+def _check_steps(steps: int | None, available: int, what: str) -> int:
+  if steps is None:
+    return available
+  if not 1 <= steps <= available:
+    raise EvalError(f"--steps {steps}, but {what} has {available} steps of actions; expected 1 to {available}")
+  return int(steps)
+
+
+def case_from_episode(episode: dict[str, Any], steps: int | None, name: str) -> Case:
+  """A dataset episode's first frame, positions and first `steps` actions; truth replayed in the true game
+  (built-in) or the stored frames themselves (Melting Pot: its replay needs the meltingpot extra, and the stored
+  episode is that replay)."""
+  from ap_jax.eval import replay
+
+  actions = np.asarray(episode["actions"], np.int32)
+  steps = _check_steps(steps, actions.shape[0], f"episode {name} (seed {episode['seed']})")
+  actions = actions[:steps]
+  if episode["source"] == "builtin":
+    truth = replay.replay_episode(episode, actions)
+  else:
+    truth = dict(frames=np.asarray(episode["frames"])[:steps + 1],
+                 positions=np.asarray(episode["positions"], np.float32)[:steps + 1],
+                 orientations=np.asarray(episode["orientations"])[:steps + 1], actions=actions,
+                 colors=np.asarray(episode["colors"], np.uint8), cell_size=int(episode["cell_size"]),
+                 source=str(episode["source"]))
+  return Case(frame=np.asarray(episode["frames"])[0], positions=np.asarray(episode["positions"], np.float32)[0],
+              actions=actions, colors=np.asarray(episode["colors"], np.uint8), truth=truth, name=name,
+              seed=int(episode["seed"]), info=dict(source=str(episode["source"]), layout=str(episode["substrate"])))
+
+
+def dataset_cases(config, split: str, indices: Sequence[int], steps: int | None) -> list[Case]:
+  """Episodes `indices` of `split` of the training config's dataset (`trainer.resolve_dataset`)."""
+  from ap_jax.data import dataset
+  from ap_jax.train import trainer
+
+  if config.data.source == "live":
+    raise EvalError("the model was trained on live built-in episodes (data.source = 'live'), which have no stored "
+                    "splits: use `--players MIN-MAX` (fresh held-out episodes) or an action file instead")
+  path = trainer.resolve_dataset(config.data)
+  source = dataset.open_split(path, split)
+  cases = []
+  for k in indices:
+    if not 0 <= k < len(source):
+      raise EvalError(f"episode {k}: split {split!r} of {path} has episodes 0 to {len(source) - 1}")
+    cases.append(case_from_episode(source[k], steps, f"{split}:{k}"))
+  return cases
+
+
+def game_config(config):
+  """The built-in game's GameConfig for frames of the size the model was trained on."""
+  from ap_jax.eval import replay
+  from ap_jax.train import trainer
+
+  return replay.builtin_config(trainer.frame_hw(config), int(config.data.cell_size))
+
+
+def case_from_action_file(config, path: str, steps: int | None) -> Case:
+  """An action file (ap_jax.eval.action_files) with a `seed`: the initial frame is the true game's reset for that
+  seed (built-in: `layout`, default the layout the dataset would draw for that seed; Melting Pot: `substrate`)."""
+  from ap_jax.eval import action_files, replay
+  from ap_jax.games import gridgame
+
+  actions, meta = action_files.load_action_file(path)
+  if "seed" not in meta:
+    raise action_files.ActionFileError(
+        f"{path}: no 'seed': the initial frame comes from the true game's reset for a seed, so the file needs "
+        "\"seed\": <non-negative integer> (and optionally \"layout\")")
+  steps = _check_steps(steps, actions.shape[0], f"action file {path}")
+  actions = actions[:steps]
+  seed, num_players = int(meta["seed"]), actions.shape[1]
+  source = meta.get("source", "builtin")
+  if source == "meltingpot":
+    if "substrate" not in meta:
+      raise action_files.ActionFileError(f"{path}: source 'meltingpot' needs a 'substrate'")
+    from ap_jax.train import trainer
+
+    try:
+      truth = replay.replay_meltingpot(str(meta["substrate"]), seed, actions, trainer.frame_hw(config))
+    except ImportError as e:
+      raise EvalError(f"{path} asks for Melting Pot, which is not installed ({e}); install the meltingpot extra") \
+          from e
+    layout = str(meta["substrate"])
+  else:
+    if "substrate" in meta:
+      raise action_files.ActionFileError(f"{path}: 'substrate' is for source 'meltingpot'; the built-in game takes "
+                                         f"'layout' ({', '.join(gridgame.LAYOUTS)})")
+    layout = meta.get("layout")
+    if layout is None:
+      layout = gridgame.LAYOUTS[gridgame.episode_spec(seed, (num_players, num_players))[1]]
+    truth = replay.replay_builtin(seed, layout, actions, game_config(config))
+  return Case(frame=truth["frames"][0], positions=truth["positions"][0], actions=actions, colors=truth["colors"],
+              truth=truth, name=os.path.basename(path), seed=seed, info=dict(source=source, layout=layout))
+
+
+def fresh_builtin_cases(config, players: tuple[int, int], episodes_per_count: int, steps: int) -> list[Case]:
+  """`episodes_per_count` new built-in episodes for each player count in [MIN, MAX], from held-out seeds (module
+  docstring), played with the dataset's policy; layouts drawn from each seed as the dataset draws them."""
+  from ap_jax.eval import replay
+  from ap_jax.games import gridgame
+
+  if config.data.source == "dir":
+    from ap_jax.data import dataset
+
+    generation = dataset.read_info(config.data.dir).generation
+    if generation.get("source", "builtin") != "builtin":
+      raise EvalError(f"--players makes fresh built-in-game episodes, but the model was trained on "
+                      f"{generation.get('source')!r} data ({config.data.dir}): they would be another game")
+  lo, hi = players
+  if not 1 <= lo <= hi <= A.MAX_PLAYERS:
+    raise EvalError(f"--players {lo}-{hi}, expected 1 <= MIN <= MAX <= {A.MAX_PLAYERS}")
+  if steps < 1:
+    raise EvalError(f"--steps {steps}, expected at least 1")
+  game = game_config(config)
+  cases = []
+  for n in range(lo, hi + 1):
+    seeds = [int(config.data.generation_seed) + FRESH_SEED_OFFSET + 1000 * n + i for i in range(episodes_per_count)]
+    for ep in gridgame.generate_episodes(seeds, config=game, steps=steps, players=(n, n),
+                                         policy=str(config.data.policy), sticky_p=float(config.data.sticky_p)):
+      truth = replay.replay_episode(ep)
+      cases.append(Case(frame=ep["frames"][0], positions=ep["positions"][0], actions=ep["actions"],
+                        colors=ep["colors"], truth=truth, name=f"fresh:{n}p:{ep['seed']}", seed=int(ep["seed"]),
+                        info=dict(source="builtin", layout=ep["substrate"])))
+  return cases
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def run_cases(sampler: sample_lib.Sampler, cases: Sequence[Case], *, seed: int, batch_size: int
+              ) -> tuple[list[np.ndarray], list[np.ndarray | None], dict[str, Any]]:
+  """Generates every case, `batch_size` at a time (player slots padded within a batch; same number of steps per
+  batch). Each rollout's noise is named by its episode seed, so results do not depend on batching.
+  Returns (frames uint8 [T+1, H, W, 3] per case, predicted positions [T+1, P, 2] or None per case, timing)."""
+  if batch_size < 1:
+    raise EvalError(f"--batch-size {batch_size}, expected at least 1")
+  frames_out: list[Any] = [None] * len(cases)
+  positions_out: list[Any] = [None] * len(cases)
+  by_steps: dict[int, list[int]] = {}
+  for i, case in enumerate(cases):
+    by_steps.setdefault(case.actions.shape[0], []).append(i)
+  seconds, generated, steady = 0.0, 0, []
+  for steps, members in sorted(by_steps.items()):
+    for start in range(0, len(members), batch_size):
+      idx = members[start:start + batch_size]
+      p = max(cases[i].num_players for i in idx)
+      acts = np.full((len(idx), steps, p), A.NOOP, np.int32)
+      pos = np.zeros((len(idx), p, 2), np.float32)
+      mask = np.zeros((len(idx), p), bool)
+      for row, i in enumerate(idx):
+        n = cases[i].num_players
+        acts[row, :, :n], pos[row, :n], mask[row, :n] = cases[i].actions, cases[i].positions, True
+      out = sampler.rollout(np.stack([cases[i].frame for i in idx]), pos, acts, player_mask=mask, seed=seed,
+                            rollout_ids=[cases[i].seed for i in idx])
+      for row, i in enumerate(idx):
+        frames_out[i] = out.frames[row]
+        if out.positions is not None:
+          positions_out[i] = out.positions[row, :, :cases[i].num_players]
+      seconds += out.timing["seconds_total"]
+      generated += out.timing["frames_generated"]
+      if out.timing["steady_frames_per_s"]:
+        steady.append(out.timing["steady_frames_per_s"])
+      log.info("generated %d rollouts of %d steps in %.1fs", len(idx), steps, out.timing["seconds_total"])
+  timing = dict(seconds_sampling=seconds, frames_generated=generated,
+                frames_per_s_including_compilation=generated / seconds if seconds else None,
+                steady_frames_per_s=float(np.mean(steady)) if steady else None)
+  return frames_out, positions_out, timing
+
+
+def check_scorable(cases: Sequence[Case]) -> None:
+  for case in cases:
+    if case.truth is None or case.truth.get("source") != "builtin":
+      raise EvalError(f"{case.name}: the true game is {case.info.get('source')!r}; scoring needs a detector for "
+                      "its frames, and only the built-in game's exists (ap_jax.eval.detector). Evaluate a model "
+                      "trained on the built-in game, or build a Melting Pot detector first")
+
+
+def score_cases(cases: Sequence[Case], frames: Sequence[np.ndarray], positions: Sequence[np.ndarray | None]
+                ) -> tuple[list[dict], dict[str, Any]]:
+  """Per-case scores (`metrics.score_rollout`) and the detector's accuracy on the cases' true frames."""
+  from ap_jax.eval import detector, metrics
+
+  check_scorable(cases)
+  scores = [metrics.score_rollout(f, c.truth, pred_positions=p) for c, f, p in zip(cases, frames, positions)]
+  correct = instances = false = frames_seen = 0.0
+  for c in cases:
+    acc = detector.detector_accuracy(c.truth["frames"], c.truth["cells"], c.truth["orientations"], c.truth["colors"],
+                                     int(c.truth["cell_size"]))
+    correct += acc["player_accuracy"] * acc["player_instances"]
+    instances += acc["player_instances"]
+    false += acc["false_detections"] * len(c.truth["frames"])
+    frames_seen += len(c.truth["frames"])
+  det = dict(player_accuracy=correct / instances, false_detections=false / frames_seen,
+             player_instances=int(instances))
+  if det["player_accuracy"] < 0.99:
+    log.warning("the detector reads only %.4f of real player instances correctly (< 0.99): the metrics are not "
+                "trustworthy for this data", det["player_accuracy"])
+  return scores, det
+
+
+def evaluate(trained, cases: Sequence[Case], *, seed: int = 0, batch_size: int = 8,
+             **sampler_kwargs) -> dict[str, Any]:
+  """Generates and scores `cases`; returns the results dict (`metrics.aggregate`: metric keys at the top level,
+  `by_players`, `by_step`, `detector`) plus `model`, `sampling`, `timing` and per-episode `episodes`."""
+  from ap_jax.eval import metrics
+
+  check_scorable(cases)
+  sampler = sample_lib.Sampler.from_trained(trained, **sampler_kwargs)
+  frames, positions, timing = run_cases(sampler, cases, seed=seed, batch_size=batch_size)
+  start = time.perf_counter()
+  scores, det = score_cases(cases, frames, positions)
+  results = metrics.aggregate(scores, detector=det)
+  timing["seconds_scoring"] = time.perf_counter() - start
+  results["model"] = dict(step=int(trained.step), model=trained.config.get("model_name"),
+                          subject_tokens=bool(trained.model_config.dit.subject_tokens))
+  results["sampling"] = sampler_settings(sampler, seed)
+  results["timing"] = timing
+  results["episodes"] = [
+      dict(name=c.name, seed=c.seed, players=c.num_players, steps=int(c.actions.shape[0]), **c.info,
+           movement_accuracy=float(np.mean(s["movement_accuracy"])),
+           subject_preservation=float(np.mean(s["subject_preservation"])))
+      for c, s in zip(cases, scores)]
+  return results
+
+
+def sampler_settings(sampler: sample_lib.Sampler, seed: int) -> dict[str, Any]:
+  return dict(sampler=sampler.sampler, denoise_steps=sampler.denoise_steps, chunk=sampler.chunk,
+              window=sampler.window, guidance=sampler.guidance, context_noise=sampler.context_noise, seed=seed)
+
+
+# ------------------------------------------------------------------------------------------------- video
+
+
+def _detected_track(det, player: int, fallback: np.ndarray, fallback_facing: np.ndarray):
+  """Per-frame (centre, facing) of `player` as detected, holding the last detection where it is missing."""
+  centres, facings = [], []
+  last_c, last_f = fallback, int(fallback_facing)
+  for t in range(det.count_NP.shape[0]):
+    if det.count_NP[t, player] >= 1:
+      last_c, last_f = det.centres_NP2[t, player], int(det.facing_NP[t, player])
+    centres.append(last_c)
+    facings.append(last_f)
+  return np.stack(centres), np.array(facings)
+
+
+def render(case: Case, frames: np.ndarray, positions: np.ndarray | None, *, scale: int = 4
+           ) -> tuple[list[np.ndarray], dict[str, Any]]:
+  """Annotated video frames: generated (left, with the model's predicted positions, the given actions and a
+  green/red mark per player for whether the generated step carried the action out) beside the true game (right)
+  when there is one. Returns (frames, per-step records for the JSON file)."""
+  from ap_jax import viz
+  from ap_jax.eval import detector, metrics
+
+  t_steps, p = case.actions.shape
+  ok = None
+  orient = np.zeros((t_steps + 1, p), np.int32)
+  det = None
+  if case.truth is not None and case.truth.get("source") == "builtin":
+    score = metrics.score_rollout(frames, case.truth, pred_positions=positions)
+    ok = score["movement_accuracy"]  # [T, P]: step t+1 = the action taken from frame t
+    det = detector.detect(frames, case.colors, int(case.truth["cell_size"]))
+  shown_positions = positions
+  if det is not None:
+    tracks = [_detected_track(det, q, case.positions[q], case.truth["orientations"][0, q]) for q in range(p)]
+    orient = np.stack([f for _, f in tracks], axis=1)
+    if shown_positions is None:  # the global baseline predicts no positions: show where the detector sees them
+      shown_positions = np.stack([c for c, _ in tracks], axis=1)
+  elif case.truth is not None:
+    orient = np.asarray(case.truth["orientations"])[:t_steps + 1]
+  if shown_positions is None:
+    shown_positions = np.broadcast_to(case.positions, (t_steps + 1, p, 2))
+  video, records = [], []
+  for t in range(t_steps + 1):
+    acts = case.actions[t] if t < t_steps else None
+    marks = None if (ok is None or t >= t_steps) else [bool(v) for v in ok[t]]
+    left = viz.annotate_frame(frames[t], shown_positions[t], orient[t], case.colors, acts, scale=scale,
+                              title=f"model t={t}", ok=marks)
+    panel = left
+    if case.truth is not None:
+      right = viz.annotate_frame(case.truth["frames"][t], case.truth["positions"][t], case.truth["orientations"][t],
+                                 case.colors, acts, scale=scale, title=f"true game t={t}")
+      gap = np.zeros((left.shape[0], 8, 3), np.uint8)
+      panel = np.concatenate([left, gap, right], axis=1)
+    video.append(panel)
+    records.append(dict(
+        step=t,
+        predicted_positions=None if positions is None else np.round(positions[t], 3).tolist(),
+        true_positions=None if case.truth is None else np.asarray(case.truth["positions"][t]).tolist(),
+        actions=None if acts is None else [A.ACTION_NAMES[int(a)] for a in acts],
+        carried_out=marks))
+  return video, records
+
+
+def to_json(obj: Any) -> Any:
+  """numpy scalars and arrays -> plain JSON values (NaN -> null)."""
+  if isinstance(obj, dict):
+    return {str(k): to_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [to_json(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return to_json(obj.tolist())
+  if isinstance(obj, (np.floating, float)):
+    return None if not np.isfinite(obj) else float(obj)
+  if isinstance(obj, (np.integer,)):
+    return int(obj)
+  if isinstance(obj, np.bool_):
+    return bool(obj)
+  return obj
+
+
+def write_json(obj: Any, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(to_json(obj), f, indent=2)
+  os.replace(tmp, path)
+  return path

@@ -1,0 +1,455 @@
+"""Autoregressive rollouts of a trained ActionParty model: an initial frame, each player's initial position and
+per-player actions in; generated frames and each player's predicted position out.
+
+Dimension letters: B rollouts, N actions (steps) per rollout, P players given (<= S slots = model.max_players),
+F frames of one chunk, H, W pixels, h, w latents, c latent channels, K denoising steps.
+
+How a rollout runs (our reading of the paper's Self-Forcing-style inference; choices marked):
+1. The initial frame is encoded by the VAE (posterior mean); the players' pixel positions become normalised
+   coordinates. One causal pass over this context frame (`dit.apply(..., return_cache=True)`) fills the KV cache.
+2. Each chunk of `chunk` frames (default 1) starts from Gaussian noise in its latents AND its subject
+   coordinates, which are denoised jointly by an Euler or Heun ODE sampler over `denoise_steps` steps of the
+   rectified-flow schedule (`flow.sampling_times`, with the model's training shift). Every denoiser call reads the
+   cached past frames; the chunk's actions (the ones that produce its frames) go in as the chunk's entries.
+3. The clean chunk is passed once more with `return_cache=True` to append it to the cache, as context: at flow
+   time `context_noise` (default 0, i.e. clean; training draws context times from U[0, flow.context_noise_max],
+   so any level in that range is in distribution, and a small one re-noises the chunk with seeded noise against
+   drift). Its predicted coordinates, clipped to the canvas, are the state the next chunk starts from.
+4. Sliding window: the model was trained on clips of `clip_steps + 1` frames, so no denoiser call attends over
+   more than `window` frames (default that clip length): before each chunk the cache is trimmed
+   (`dit.trim_cache`) to its last `window - chunk` frames. Cached keys keep their absolute RoPE positions, so only
+   relative distances matter and a rollout continues past the window without a seam (our choice: trimming the
+   cache rather than re-encoding the window, which would cost a pass over the window per chunk).
+
+Note on chunk = 1 (the default, the finest control): training denoises all `clip_steps` target frames at one
+shared noise level, while chunk-1 sampling conditions frame k on clean frames 1..k-1. `chunk = clip_steps`
+matches training exactly within the first window; both are supported.
+
+Guidance on actions (optional, `guidance != 1`): classifier-free guidance, v = v_null + g (v_cond - v_null), where
+the unconditional branch replaces every action, cached ones included, by `dit.null_action_id`. The two branches
+run as one batch of 2B with two caches. Only meaningful for a model trained with `flow.action_dropout > 0`.
+
+Determinism: the noise of rollout b's chunk k is drawn from fold_in(fold_in(key(seed), rollout_ids[b]), k), so a
+rollout depends on neither the batch it runs in nor its total length (a longer rollout repeats a shorter one's
+frames exactly until the window first slides).
+
+Frame 0 of the returned frames is the given initial frame itself (not its VAE reconstruction), as the metrics
+expect: index 0 is the conditioning frame, 1..N are generated.
+
+Sharding: with a mesh, rollouts are laid out over the mesh axes `batch` maps to (data, fsdp) and the denoiser
+traces under `sharding.logical_sharding`, so its activations are constrained as in training; parameters keep the
+shardings they were loaded with (`trainer.load_trained(workdir, mesh, rules)` lays them out by `param_shardings`).
+The batch is padded to a multiple of the batch shards with copies of rollout 0, whose results are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ap_jax import actions as A
+from ap_jax.model import config as model_config_lib
+from ap_jax.model import dit as dit_lib
+from ap_jax.model import flow as flow_lib
+from ap_jax.model import sharding as sharding_lib
+from ap_jax.model import vae as vae_lib
+
+log = logging.getLogger("ap_jax.sample")
+
+SAMPLERS = ("euler", "heun")
+
+
+class SampleError(ValueError):
+  """Bad sampling settings or inputs; the message names the value and what was expected."""
+
+
+@dataclasses.dataclass
+class Rollouts:
+  """What `Sampler.rollout` returns.
+
+  frames     uint8 [B, N+1, H, W, 3]   frame 0 = the given initial frame; 1..N generated
+  positions  float32 [B, N+1, P, 2]    predicted pixel centres (y, x); row 0 = the given initial positions.
+                                       None for a model without subject tokens (the global baseline)
+  timing     dict                       seconds: total, first_chunk (includes compilation), steady-state frames/s
+  """
+
+  frames: np.ndarray
+  positions: np.ndarray | None
+  timing: dict[str, Any]
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+  """Frames in [-1, 1] -> uint8 [0, 255] (the pipeline's inverse)."""
+  return np.clip(np.round((np.asarray(frames, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def to_model_range(frames: np.ndarray) -> np.ndarray:
+  """uint8 [0, 255] frames -> float32 in [-1, 1], exactly as `pipeline.make_clip` normalises them."""
+  frames = np.asarray(frames)
+  if frames.dtype == np.uint8:
+    return frames.astype(np.float32) * (2.0 / 255.0) - 1.0
+  if not np.issubdtype(frames.dtype, np.floating):
+    raise SampleError(f"initial frames have dtype {frames.dtype}, expected uint8 or floating point in [-1, 1]")
+  return frames.astype(np.float32)
+
+
+class Sampler:
+  """Generates rollouts with one trained denoiser and its autoencoder. Build once, call `rollout` many times:
+  the jitted chunk functions are cached per cache length (at most `window` of them)."""
+
+  def __init__(self, params, model_config: ml_collections.ConfigDict, vae_params, *, sampler: str = "euler",
+               denoise_steps: int = 20, chunk: int = 1, window: int = 5, guidance: float = 1.0,
+               context_noise: float = 0.0, use_cache: bool = True, mesh=None, rules=None):
+    if sampler not in SAMPLERS:
+      raise SampleError(f"sampler = {sampler!r}, expected one of {SAMPLERS}")
+    if denoise_steps < 1:
+      raise SampleError(f"denoise_steps = {denoise_steps}, expected at least 1")
+    if chunk < 1:
+      raise SampleError(f"chunk = {chunk}, expected at least 1 frame")
+    if window < chunk + 1:
+      raise SampleError(f"window = {window} frames, expected at least chunk + 1 = {chunk + 1} (the chunk and one "
+                        "context frame)")
+    if not 0.0 <= context_noise < 1.0:
+      raise SampleError(f"context_noise = {context_noise}, expected a flow time in [0, 1) (training uses "
+                        f"[0, {model_config.flow.context_noise_max}])")
+    if guidance != 1.0 and float(model_config.flow.get("action_dropout", 0.0)) <= 0.0:
+      log.warning("guidance = %s, but the model was trained with flow.action_dropout = 0: the null action it "
+                  "guides against was never trained, so guidance is not meaningful", guidance)
+    self.params, self.vae_params, self.config = params, vae_params, model_config
+    self.sampler, self.denoise_steps, self.chunk, self.window = sampler, int(denoise_steps), int(chunk), int(window)
+    self.guidance, self.context_noise, self.use_cache = float(guidance), float(context_noise), bool(use_cache)
+    self.mesh, self.rules = mesh, (rules if rules is not None else sharding_lib.DEFAULT_RULES)
+    self.subject_tokens = bool(model_config.dit.subject_tokens)
+    self.slots = int(model_config.max_players)
+    self.times = flow_lib.sampling_times(self.denoise_steps, float(model_config.flow.shift))
+    self._jitted: dict[Any, Any] = {}
+
+  @classmethod
+  def from_trained(cls, trained, **kwargs) -> "Sampler":
+    """A sampler for `trainer.load_trained(...)`'s TrainedModel; the window defaults to its training clip length."""
+    kwargs.setdefault("window", int(trained.config.data.clip_steps) + 1)
+    return cls(trained.params, trained.model_config, trained.vae_params, **kwargs)
+
+  # ------------------------------------------------------------------------------------------ pure pieces
+
+  @property
+  def _guided(self) -> bool:
+    return self.guidance != 1.0
+
+  def _branches(self, actions_BFP: jax.Array) -> jax.Array:
+    """[B, F, P] -> [2B, F, P] (conditional, then all-null) when guiding; unchanged otherwise."""
+    if not self._guided:
+      return actions_BFP
+    return jnp.concatenate([actions_BFP, jnp.full_like(actions_BFP, dit_lib.null_action_id(self.config))])
+
+  def _twice(self, x: jax.Array) -> jax.Array:
+    return jnp.concatenate([x, x]) if self._guided else x
+
+  def _combine(self, v: jax.Array) -> jax.Array:
+    if not self._guided:
+      return v
+    cond, null = jnp.split(v, 2)
+    return null + self.guidance * (cond - null)
+
+  def _noise(self, keys_B, shape_latents, shape_coords):
+    """Per-rollout noise for one chunk: (video [B, F, h, w, c], coords [B, F, S, 2], context video, context
+    coords), each drawn from that rollout's own key."""
+
+    def one(key):
+      kv, kc, kcv, kcc = jax.random.split(key, 4)
+      return (jax.random.normal(kv, shape_latents), jax.random.normal(kc, shape_coords),
+              jax.random.normal(kcv, shape_latents), jax.random.normal(kcc, shape_coords))
+
+    return jax.vmap(one)(keys_B)
+
+  def _integrate(self, velocity, x, y):
+    """Runs the ODE from t = 1 to 0 on (latents x, coords y). velocity(x, y, t) -> (v_x, v_y)."""
+    ts = self.times
+    k = self.denoise_steps
+
+    def euler(i, xy):
+      x, y = xy
+      vx, vy = velocity(x, y, ts[i])
+      dt = ts[i + 1] - ts[i]
+      return x + dt * vx, y + dt * vy
+
+    def heun(i, xy):
+      x, y = xy
+      t, t_next = ts[i], ts[i + 1]
+      dt = t_next - t
+      vx, vy = velocity(x, y, t)
+      xe, ye = x + dt * vx, y + dt * vy
+      vx2, vy2 = velocity(xe, ye, t_next)
+      return x + dt * 0.5 * (vx + vx2), y + dt * 0.5 * (vy + vy2)
+
+    if self.sampler == "euler":
+      return jax.lax.fori_loop(0, k, euler, (x, y))
+    # Heun's correction needs the velocity at t_next; at t_next = 0 (the last step) that is the clean sample's,
+    # which the model never sees in training for target frames, so the last step is plain Euler (as EDM).
+    x, y = jax.lax.fori_loop(0, k - 1, heun, (x, y))
+    return euler(k - 1, (x, y))
+
+  def _model_inputs(self, latents, times, actions, player_mask, coords, initial_coords):
+    inputs = {"latents": latents, "times": times, "actions": actions, "player_mask": player_mask}
+    if self.subject_tokens:
+      inputs["coords"] = coords * player_mask[:, None, :, None]
+    else:
+      inputs["initial_coords"] = initial_coords * player_mask[:, :, None]
+    return inputs
+
+  def _encode_context(self, params, vae_params, frames_B1HWC, coords_B1S2, player_mask, initial_coords, keys_B):
+    """The context frame (frame 0) -> (its context latents and coords, the cache)."""
+    cfg = self.config
+    latents = vae_lib.vae_encode(vae_params, cfg, frames_B1HWC)
+    _, _, noise_v, noise_c = self._noise(jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys_B),
+                                         latents.shape[1:], coords_B1S2.shape[1:])
+    lat_ctx, coords_ctx, times = self._context(latents, coords_B1S2, noise_v, noise_c)
+    b = latents.shape[0]
+    empty = jnp.zeros((b, 0, self.slots), jnp.int32)
+    inputs = self._model_inputs(self._twice(lat_ctx), self._twice(times), self._branches(empty),
+                                self._twice(player_mask), self._twice(coords_ctx), self._twice(initial_coords))
+    out = dit_lib.apply(params, cfg, inputs, return_cache=True)
+    return lat_ctx, coords_ctx, out["cache"]
+
+  def _context(self, latents, coords, noise_v, noise_c):
+    """Clean (or lightly noised) versions of generated frames, as the cache and later frames see them."""
+    b, f = latents.shape[:2]
+    times = jnp.full((b, f), self.context_noise, jnp.float32)
+    if self.context_noise > 0:
+      latents = flow_lib.add_noise(latents, noise_v, times)
+      coords = flow_lib.add_noise(coords, noise_c, times)
+    return latents, coords, times
+
+  def _chunk_cached(self, params, vae_params, cache, actions_BFP, player_mask, initial_coords, keys_B, latent_hwc):
+    """Denoises one chunk against the cache, appends it to the cache and decodes it.
+    Returns (frames [B, F, H, W, 3] in [-1, 1], coords [B, F, S, 2], new cache)."""
+    cfg = self.config
+    b, f = actions_BFP.shape[:2]
+    noise_v, noise_c, ctx_v, ctx_c = self._noise(keys_B, (f,) + latent_hwc, (f, self.slots, 2))
+    mask2, init2 = self._twice(player_mask), self._twice(initial_coords)
+    actions2 = self._branches(actions_BFP)
+
+    def velocity(x, y, t):
+      times = jnp.full((b, f), t, jnp.float32)
+      out = dit_lib.apply(params, cfg, self._model_inputs(self._twice(x), self._twice(times), actions2, mask2,
+                                                          self._twice(y), init2), cache=cache)
+      vy = out["coords"] if self.subject_tokens else jnp.zeros_like(y)
+      return self._combine(out["video"]), self._combine(vy)
+
+    x0, y0 = self._integrate(velocity, noise_v, noise_c * player_mask[:, None, :, None])
+    y0 = jnp.clip(y0, -1.0, 1.0) * player_mask[:, None, :, None]
+    lat_ctx, coords_ctx, times = self._context(x0, y0, ctx_v, ctx_c)
+    out = dit_lib.apply(params, cfg, self._model_inputs(self._twice(lat_ctx), self._twice(times), actions2, mask2,
+                                                        self._twice(coords_ctx), init2),
+                        cache=cache, return_cache=True)
+    frames = vae_lib.vae_decode(vae_params, cfg, x0)
+    return frames, y0, out["cache"]
+
+  def _chunk_full(self, params, vae_params, hist_latents, hist_coords, hist_times, hist_actions, actions_BFP,
+                  player_mask, initial_coords, keys_B):
+    """The reference path without a cache: every denoiser call re-runs the causal model over the history frames
+    (their context versions, first one with START) and the noisy chunk. Returns (frames, coords, context latents,
+    context coords, context times) of the chunk."""
+    cfg = self.config
+    b, f = actions_BFP.shape[:2]
+    latent_hwc = hist_latents.shape[2:]
+    noise_v, noise_c, ctx_v, ctx_c = self._noise(keys_B, (f,) + latent_hwc, (f, self.slots, 2))
+    all_actions = self._branches(jnp.concatenate([hist_actions, actions_BFP], axis=1))
+    mask2, init2 = self._twice(player_mask), self._twice(initial_coords)
+
+    def velocity(x, y, t):
+      times = jnp.concatenate([hist_times, jnp.full((b, f), t, jnp.float32)], axis=1)
+      inputs = self._model_inputs(self._twice(jnp.concatenate([hist_latents, x], 1)), self._twice(times),
+                                  all_actions, mask2, self._twice(jnp.concatenate([hist_coords, y], 1)), init2)
+      out = dit_lib.apply(params, cfg, inputs)
+      vy = out["coords"][:, -f:] if self.subject_tokens else jnp.zeros_like(y)
+      return self._combine(out["video"][:, -f:]), self._combine(vy)
+
+    x0, y0 = self._integrate(velocity, noise_v, noise_c * player_mask[:, None, :, None])
+    y0 = jnp.clip(y0, -1.0, 1.0) * player_mask[:, None, :, None]
+    lat_ctx, coords_ctx, times = self._context(x0, y0, ctx_v, ctx_c)
+    return vae_lib.vae_decode(vae_params, cfg, x0), y0, lat_ctx, coords_ctx, times
+
+  # ------------------------------------------------------------------------------------------ jit + sharding
+
+  def _jit(self, name: str, fn, static_argnums=()):
+    key = name
+    if key not in self._jitted:
+      self._jitted[key] = jax.jit(fn, static_argnums=static_argnums)
+    return self._jitted[key]
+
+  def _call(self, name, fn, *args, static_argnums=()):
+    jitted = self._jit(name, fn, static_argnums)
+    if self.mesh is None:
+      return jitted(*args)
+    with sharding_lib.logical_sharding(self.mesh, self.rules):  # active while a new shape traces
+      return jitted(*args)
+
+  def _batch_shards(self) -> int:
+    if self.mesh is None:
+      return 1
+    spec = sharding_lib.logical_to_spec(("batch",), self.rules, self.mesh.axis_names)[0]
+    axes = () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
+    return int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
+
+  def _put(self, x):
+    """Places a batch-leading host array on the mesh (batch over the `batch` axes), or leaves it to jit."""
+    x = jnp.asarray(x)
+    if self.mesh is None:
+      return x
+    spec = sharding_lib.logical_to_spec(("batch",), self.rules, self.mesh.axis_names)
+    return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
+
+  # ------------------------------------------------------------------------------------------------ rollout
+
+  def check_inputs(self, initial_frames, initial_positions, actions, player_mask=None):
+    """Validates shapes and values; returns them as numpy (frames float in [-1, 1])."""
+    frames = to_model_range(initial_frames)
+    positions = np.asarray(initial_positions, np.float32)
+    actions = np.asarray(actions)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+      raise SampleError(f"initial frames have shape {frames.shape}, expected [B, H, W, 3]")
+    b, h, w, _ = frames.shape
+    per_token = model_config_lib.pixels_per_token(self.config)
+    if h % per_token or w % per_token:
+      raise SampleError(f"frames are {h} x {w} px, expected multiples of {per_token} (VAE stride x patch size)")
+    if actions.ndim != 3 or actions.shape[0] != b:
+      raise SampleError(f"actions have shape {actions.shape}, expected [B={b}, N steps, P players]")
+    _, n, p = actions.shape
+    if n < 1:
+      raise SampleError("actions hold 0 steps, expected at least 1")
+    if not 1 <= p <= self.slots:
+      raise SampleError(f"actions give {p} players, but the model has {self.slots} subject slots (expected 1 to "
+                        f"{self.slots})")
+    actions = A.check_actions(actions)
+    if positions.shape != (b, p, 2):
+      raise SampleError(f"initial positions have shape {positions.shape}, expected [B={b}, P={p}, 2] pixel (y, x)")
+    if player_mask is None:
+      player_mask = np.ones((b, p), bool)
+    player_mask = np.asarray(player_mask, bool)
+    if player_mask.shape != (b, p):
+      raise SampleError(f"player_mask has shape {player_mask.shape}, expected [B={b}, P={p}]")
+    return frames, positions, actions, player_mask
+
+  def rollout(self, initial_frames, initial_positions, actions, *, player_mask=None, seed: int = 0,
+              rollout_ids=None) -> Rollouts:
+    """Generates B rollouts of N steps.
+
+    initial_frames [B, H, W, 3] uint8 (or float in [-1, 1]); initial_positions [B, P, 2] pixel centres (y, x);
+    actions int [B, N, P] (P <= model slots; padded to the slots with NOOP, as in training); player_mask bool
+    [B, P] (default all True: every given player is real); rollout_ids int [B] name each rollout's noise stream
+    (default 0..B-1).
+    """
+    start_time = time.perf_counter()
+    frames, positions, actions, player_mask = self.check_inputs(initial_frames, initial_positions, actions,
+                                                                player_mask)
+    b, n, p = actions.shape
+    ids = np.arange(b) if rollout_ids is None else np.asarray(rollout_ids, np.int64)
+    if ids.shape != (b,):
+      raise SampleError(f"rollout_ids has shape {ids.shape}, expected [B={b}]")
+    # Pad the batch to a multiple of the batch shards (copies of rollout 0, dropped at the end).
+    shards = self._batch_shards()
+    bp = -(-b // shards) * shards
+    take = np.concatenate([np.arange(b), np.zeros(bp - b, np.int64)]).astype(np.int64)
+    frames, positions, actions, player_mask, ids = (x[take] for x in (frames, positions, actions, player_mask, ids))
+    # Player slots: padded with NOOP actions, zero positions and a False mask.
+    pad = self.slots - p
+    actions_S = np.pad(actions, [(0, 0), (0, 0), (0, pad)], constant_values=A.NOOP)
+    mask_S = np.pad(player_mask, [(0, 0), (0, pad)])
+    positions_S = np.pad(positions, [(0, 0), (0, pad), (0, 0)])
+    canvas = frames.shape[1:3]
+    coords0 = np.asarray(dit_lib.positions_to_coords(positions_S, canvas)) * mask_S[..., None]
+
+    base = jax.random.key(int(seed))
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(ids % (1 << 31), jnp.int32))
+    put = self._put
+    mask_d, init_d = put(mask_S), put(coords0)
+    params, vae_params = self.params, self.vae_params
+
+    # Context frame.
+    lat_ctx, coords_ctx, cache = self._call("context", self._encode_context, params, vae_params,
+                                            put(frames[:, None]), put(coords0[:, None]), mask_d, init_d, keys)
+    hist = dict(latents=lat_ctx, coords=coords_ctx, times=jnp.full((bp, 1), self.context_noise, jnp.float32),
+                actions=jnp.zeros((bp, 0, self.slots), jnp.int32))
+    latent_hwc = tuple(lat_ctx.shape[2:])
+
+    out_frames, out_coords = [], []
+    chunk_times, compiled_shapes, steady = [], set(), []
+    max_frames_in_view = 1
+    done = 0
+    chunk_index = 0
+    while done < n:
+      f = min(self.chunk, n - done)
+      chunk_actions = put(actions_S[:, done:done + f])
+      chunk_keys = jax.vmap(lambda k: jax.random.fold_in(k, chunk_index + 1))(keys)
+      t0 = time.perf_counter()
+      if self.use_cache:
+        keep = self.window - f
+        cached = cache["entries"].shape[1]
+        if cached > keep:
+          cache = dit_lib.trim_cache(cache, keep)
+          cached = keep
+        shape_key = (cached, f)
+        gen, coords, cache = self._call("chunk_cached", self._chunk_cached, params, vae_params, cache, chunk_actions,
+                                        mask_d, init_d, chunk_keys, latent_hwc, static_argnums=(7,))
+      else:
+        keep = self.window - f
+        total = hist["latents"].shape[1]
+        start = max(0, total - keep)
+        cached = total - start
+        shape_key = (cached, f)
+        gen, coords, lat_c, coords_c, times_c = self._call(
+            "chunk_full", self._chunk_full, params, vae_params, hist["latents"][:, start:], hist["coords"][:, start:],
+            hist["times"][:, start:], hist["actions"][:, start:], chunk_actions, mask_d, init_d, chunk_keys)
+        hist = dict(latents=jnp.concatenate([hist["latents"], lat_c], 1),
+                    coords=jnp.concatenate([hist["coords"], coords_c], 1),
+                    times=jnp.concatenate([hist["times"], times_c], 1),
+                    # The action entry of frame k is the action into it; the history's first frame has none.
+                    actions=jnp.concatenate([hist["actions"], chunk_actions], 1))
+      max_frames_in_view = max(max_frames_in_view, cached + f)
+      gen, coords = jax.device_get((gen, coords))
+      elapsed = time.perf_counter() - t0
+      chunk_times.append(elapsed)
+      if shape_key in compiled_shapes:
+        steady.append((elapsed, f))
+      compiled_shapes.add(shape_key)
+      out_frames.append(np.asarray(gen))
+      out_coords.append(np.asarray(coords))
+      done += f
+      chunk_index += 1
+
+    gen_frames = to_uint8(np.concatenate(out_frames, axis=1))[:b]
+    all_frames = np.concatenate([to_uint8(frames[:b, None]), gen_frames], axis=1)
+    pred_positions = None
+    if self.subject_tokens:
+      pred = np.asarray(dit_lib.coords_to_positions(np.concatenate(out_coords, axis=1), canvas))[:b, :, :p]
+      pred_positions = np.concatenate([positions[:b, None], pred], axis=1).astype(np.float32)
+    total_s = time.perf_counter() - start_time
+    steady_s = sum(s for s, _ in steady)
+    timing = dict(
+        seconds_total=total_s, seconds_first_chunk=chunk_times[0], chunks=len(chunk_times),
+        frames_generated=int(b * n), rollouts=int(b), max_frames_in_view=int(max_frames_in_view),
+        # Frames per second over the chunks whose shapes were already compiled (compilation excluded).
+        steady_frames_per_s=(sum(f for _, f in steady) * b / steady_s) if steady_s > 0 else None,
+        denoiser_calls_per_chunk=self.denoise_steps * (2 if self.sampler == "heun" else 1)
+        - (1 if self.sampler == "heun" else 0) + (1 if self.use_cache else 0))
+    return Rollouts(frames=all_frames, positions=pred_positions, timing=timing)
+
+
+def sample(trained, initial_frame, initial_positions, actions, *, seed: int = 0, **sampler_kwargs):
+  """One rollout from a TrainedModel. initial_frame [H, W, 3] uint8; initial_positions [P, 2] pixels (y, x);
+  actions int [N, P]. Returns (frames uint8 [N+1, H, W, 3] with frame 0 the given initial frame, predicted
+  positions float32 [N+1, P, 2] or None for the global baseline, timing dict)."""
+  sampler = Sampler.from_trained(trained, **sampler_kwargs)
+  out = sampler.rollout(np.asarray(initial_frame)[None], np.asarray(initial_positions)[None],
+                        np.asarray(actions)[None], seed=seed)
+  return out.frames[0], (None if out.positions is None else out.positions[0]), out.timing
