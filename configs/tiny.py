@@ -21,16 +21,26 @@ def get_config(arg=None):
   args = set((arg or "").split(",")) - {""}
   c = base_config("tiny")
   c.stage = "autoencoder" if "autoencoder" in args else "denoiser"
-  c.total_steps = 600 if c.stage == "autoencoder" else 1500
   c.log_every = 10
   c.checkpoint_every = 100
-  c.data.global_batch_size = 8
-  c.optim.learning_rate = 1e-3 if c.stage == "autoencoder" else 5e-4
   c.optim.warmup_steps = 50
+  if c.stage == "autoencoder":
+    # 32 random 32x32 crops per step (16 clips of 2 frames): the conv autoencoder learns the sprites at a
+    # quarter of the cost of whole frames.
+    c.total_steps = 1500
+    c.autoencoder_crop = 32
+    c.data.clip_steps = 1
+    c.data.global_batch_size = 16
+    c.optim.learning_rate = 2e-3
+  else:
+    c.total_steps = 1500
+    c.data.global_batch_size = 8
+    c.optim.learning_rate = 5e-4
   if "runlocal" in args:
     c.total_steps = 6
     c.log_every = 1
     c.checkpoint_every = 3
     c.data.episodes = 30
     c.data.global_batch_size = 8
+    c.autoencoder_crop = 0
   return c

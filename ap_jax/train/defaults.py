@@ -34,6 +34,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
   c.model_name = model_name
   c.model = get_model_config(model_name)
   c.autoencoder_workdir = ""  # denoiser stage: workdir of the trained autoencoder
+  c.autoencoder_crop = 0  # autoencoder stage: train on random square crops of this size (0: whole frames)
   c.seed = 0
   c.total_steps = 1000
   c.log_every = 10

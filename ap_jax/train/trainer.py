@@ -88,12 +88,20 @@ def build_stage(config: ml_collections.ConfigDict, *, frozen: Any = None, meta: 
   latent statistics (`meta['latent_shift']`, `meta['latent_scale']`)."""
   model_config = ml_collections.ConfigDict(config.model.to_dict())
   if config.stage == "autoencoder":
+    crop = int(config.get("autoencoder_crop", 0))
+
+    def ae_loss(params, batch, rng, frozen):
+      del frozen
+      frames = batch["frames"]
+      if crop:
+        rng, crop_rng = jax.random.split(rng)
+        frames = random_crops(frames, crop, crop_rng)
+      return vae_lib.vae_loss(params, model_config, frames, rng)
+
     return Stage(
         name="autoencoder", model_config=model_config,
         init=lambda rng: vae_lib.vae_init(rng, model_config),
-        logical_axes=vae_lib.vae_logical_axes(model_config),
-        loss=lambda params, batch, rng, frozen: vae_lib.vae_loss(params, model_config, batch["frames"], rng),
-        batch_keys=("frames",))
+        logical_axes=vae_lib.vae_logical_axes(model_config), loss=ae_loss, batch_keys=("frames",))
   if config.stage == "denoiser":
     if frozen is None or meta is None:
       raise TrainError("the denoiser stage needs a trained autoencoder: set --config.autoencoder_workdir")
@@ -113,6 +121,20 @@ def build_stage(config: ml_collections.ConfigDict, *, frozen: Any = None, meta: 
         batch_keys=("frames", "actions", "positions", "player_mask"),
         frozen=frozen, frozen_axes=vae_lib.vae_logical_axes(model_config), meta=dict(meta))
   raise config_utils.ConfigError(f"stage = {config.stage!r}, expected one of {STAGES}")
+
+
+def random_crops(frames_BTHWC: jax.Array, size: int, rng: jax.Array) -> jax.Array:
+  """One random size x size crop per frame, [B, T, H, W, C] -> [B T, 1, size, size, C]. The autoencoder is
+  convolutional, so crops teach it the same thing as whole frames at a fraction of the cost."""
+  b, t, h, w, c = frames_BTHWC.shape
+  if size > min(h, w):
+    raise config_utils.ConfigError(f"autoencoder_crop = {size} is larger than the {h}x{w} frames")
+  flat = frames_BTHWC.reshape(b * t, h, w, c)
+  ky, kx = jax.random.split(rng)
+  ys = jax.random.randint(ky, (b * t,), 0, h - size + 1)
+  xs = jax.random.randint(kx, (b * t,), 0, w - size + 1)
+  crop = lambda f, y, x: jax.lax.dynamic_slice(f, (y, x, 0), (size, size, c))
+  return jax.vmap(crop)(flat, ys, xs)[:, None]
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -612,7 +634,8 @@ def analytic_step_flops(config, stage: Stage) -> float:
   b, frames = int(config.data.global_batch_size), int(config.data.clip_steps) + 1
   hw = frame_hw(config)
   if stage.name == "autoencoder":
-    return flops_lib.vae_train_step_flops(stage.model_config, b * frames, hw)
+    crop = int(config.get("autoencoder_crop", 0))
+    return flops_lib.vae_train_step_flops(stage.model_config, b * frames, (crop, crop) if crop else hw)
   encode = flops_lib.vae_forward_flops(stage.model_config, b * frames, hw, decoder=False)
   return encode + flops_lib.denoiser_train_step_flops(stage.model_config, b, frames,
                                                       flops_lib.latent_hw(stage.model_config, hw))
@@ -623,7 +646,8 @@ def _tokens_per_example(config, stage: Stage) -> int:
   h, w = frame_hw(config)
   frames = int(data.clip_steps) + 1
   if stage.name == "autoencoder":
-    return frames * h * w  # pixels
+    crop = int(config.get("autoencoder_crop", 0))
+    return frames * (crop * crop if crop else h * w)  # pixels
   from ap_jax.model import config as model_config_lib
 
   per_side = model_config_lib.pixels_per_token(stage.model_config)
