@@ -2,30 +2,14 @@
 
 import ml_collections
 
+from ap_jax.model import sharding as sharding_lib
 from ap_jax.model.config import get_model_config
 
-# Logical axis name -> mesh axes. Batch over data and fsdp; parameters' embed dimension over fsdp (ZeRO-3);
-# heads and MLP over tensor; the token sequence over context. A name listed twice falls back to its second
-# rule when the first's mesh axes are already used by another dimension of the same array.
-DEFAULT_RULES = [
-    ("batch", ["data", "fsdp"]),
-    ("length", "context"),
-    ("kv_length", None),
-    ("frames", None),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("kv", None),
-    ("layers", None),
-    ("vocab", None),
-    ("subjects", None),
-    ("patch", None),
-    ("conv_in", None),
-    ("conv_out", "tensor"),
-    ("height", None),
-    ("width", None),
-    ("channels", None),
-]
+# Logical axis name -> mesh axes, as a config entry so that a run can change it (--config.logical_axis_rules=...)
+# and checkpoints record it. The default is the model's table (ap_jax/model/sharding.py): batch over data and
+# fsdp, parameters' embed dimension over fsdp (ZeRO-3), heads and MLP over tensor, the sequence over context.
+DEFAULT_RULES = [(name, list(axes) if isinstance(axes, tuple) else axes)
+                 for name, axes in sharding_lib.DEFAULT_RULES]
 
 
 def base_config(model_name: str) -> ml_collections.ConfigDict:
