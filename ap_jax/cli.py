@@ -267,6 +267,10 @@ def cmd_sample(args) -> int:
 
   if os.path.splitext(args.out)[1].lower() not in (".mp4", ".gif"):
     raise ValueError(f"--out {args.out!r}: expected a path ending in .mp4 or .gif")
+  if args.actions:
+    from ap_jax.eval import action_files
+
+    action_files.load_action_file(args.actions)  # a bad file fails before the model loads
   trained, kwargs = _load_for_sampling(args)
   if args.episode:
     split, sep, index = args.episode.rpartition(":")
