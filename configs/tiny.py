@@ -32,6 +32,7 @@ def get_config(arg=None):
     c.data.clip_steps = 1
     c.data.global_batch_size = 16
     c.optim.learning_rate = 2e-3
+    c.optim.ema_decay = 0.99  # the denoiser uses the autoencoder's EMA weights: keep them close to the last
   else:
     c.total_steps = 1500
     c.data.global_batch_size = 8

@@ -33,6 +33,9 @@ def _vae(channels: int, channel_mult: tuple[int, ...], latent_channels: int, num
       # plus a small MSE term that punishes the rare large errors (a missing sprite) harder.
       l1_weight=1.0,
       mse_weight=0.25,
+      # Pixels that differ from the frame's background colour weigh 1 + foreground_weight (sprites are a few
+      # percent of a frame; unweighted, the VAE blurs them away first).
+      foreground_weight=8.0,
       # Per-element KL weight. Small, as in SD / Wan VAEs: we want a well-behaved latent scale, not a prior.
       kl_weight=1e-5,
       # Latents handed to the denoiser are (mean - latent_shift) * latent_scale; set after stage 1 from latent
