@@ -1,0 +1,177 @@
+"""The main job and the paper's comparison, on the built-in game.
+
+`run_demo` (`ap-jax demo`, README's first command): generate data, train the tiny autoencoder and denoiser,
+sample a 4-player rollout video, evaluate against the true game and print movement accuracy and subject
+preservation. Everything lands in one output directory: `data/`, `ae/`, `dit/` (workdirs, resumable: running the
+demo again continues where it stopped), `rollout_4p.mp4` (+ `.json`), `results.json`.
+
+`run_comparison` (`ap-jax compare`): the full model, the global-action baseline and the four ablations, trained
+at equal steps on the same data with one shared autoencoder, each evaluated on fresh built-in episodes with 1 to
+8 players; writes `comparison.json` and `comparison.md` (the README table).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+from ap_jax.data import dataset as dataset_lib
+from ap_jax.data import tfds_builder
+
+log = logging.getLogger("ap_jax.demo")
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+
+# The paper's comparison (PAPER.md "Baselines" and "Ablations"), as overrides of the tiny denoiser config.
+VARIANTS: dict[str, list[str]] = {
+    "full": [],
+    "global_actions": ["--config.model.dit.subject_tokens=false"],
+    "no_subject_isolation": ["--config.model.dit.subject_isolation=false"],
+    "no_masked_cross_attention": ["--config.model.dit.masked_cross_attention=false"],
+    "frame_wise_cross_attention": ["--config.model.dit.frame_wise=true"],
+    "no_subject_rope": ["--config.model.dit.subject_rope=false"],
+}
+
+
+def _config(arg: str, overrides: Sequence[str]):
+  from ap_jax.train import config_utils
+
+  return config_utils.apply_overrides(config_utils.load_config(f"{TINY}:{arg}"), list(overrides))
+
+
+def build_data(out: str, episodes: int, players: tuple[int, int] = (2, 4)) -> str:
+  path = os.path.join(out, "data", "builtin")
+  if not os.path.exists(os.path.join(path, dataset_lib.INFO_FILE)):
+    spec = tfds_builder.GenerationSpec(episodes=episodes, steps=16, players=players)
+    dataset_lib.build(spec, path)
+  return path
+
+
+def train_stages(out: str, data_dir: str, *, ae_steps: int, dit_steps: int, dit_overrides: Sequence[str] = (),
+                 dit_name: str = "dit", progress: bool = True) -> tuple[str, str, dict]:
+  """Trains (or resumes, or skips when finished) the autoencoder and one denoiser. Returns workdirs + seconds."""
+  from ap_jax.train import trainer
+
+  data = [f"--config.data.source=dir", f"--config.data.dir={data_dir}"]
+  ae_dir, dit_dir = os.path.join(out, "ae"), os.path.join(out, dit_name)
+  seconds = {}
+  start = time.time()
+  trainer.train(_config("autoencoder", data + [f"--config.total_steps={ae_steps}"]), ae_dir, progress=progress)
+  seconds["train_autoencoder"] = time.time() - start
+  start = time.time()
+  trainer.train(_config("", data + [f"--config.total_steps={dit_steps}", f"--config.autoencoder_workdir={ae_dir}"]
+                        + list(dit_overrides)), dit_dir, progress=progress)
+  seconds[f"train_{dit_name}"] = time.time() - start
+  return ae_dir, dit_dir, seconds
+
+
+def _sampler(trained, denoise_steps: int):
+  from ap_jax import sample as sample_lib
+
+  return sample_lib.Sampler.from_trained(trained, denoise_steps=denoise_steps)
+
+
+def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1500, dit_steps: int = 800,
+             eval_episodes: int = 24, eval_steps: int = 8, denoise_steps: int = 10, seed: int = 0,
+             progress: bool = True) -> dict[str, Any]:
+  """The main job on the built-in game; returns (and writes) `results.json`'s contents."""
+  from ap_jax import evaluate, viz
+  from ap_jax.eval import metrics
+  from ap_jax.train import trainer
+
+  os.makedirs(out, exist_ok=True)
+  seconds: dict[str, float] = {}
+  start = time.time()
+  data_dir = build_data(out, episodes)
+  seconds["data"] = time.time() - start
+  log.info("[demo 1/4] dataset ready at %s (%.0fs)", data_dir, seconds["data"])
+  ae_dir, dit_dir, train_seconds = train_stages(out, data_dir, ae_steps=ae_steps, dit_steps=dit_steps,
+                                                progress=progress)
+  seconds.update(train_seconds)
+  log.info("[demo 2/4] trained the autoencoder (%s) and the denoiser (%s)", ae_dir, dit_dir)
+
+  trained = trainer.load_trained(dit_dir)
+  sampler = _sampler(trained, denoise_steps)
+  start = time.time()
+  [case] = evaluate.fresh_builtin_cases(trained.config, (4, 4), 1, eval_steps * 2)
+  frames, positions, _ = evaluate.run_cases(sampler, [case], seed=seed, batch_size=1)
+  video, records = evaluate.render(case, frames[0], positions[0])
+  video_path = viz.write_video(video, os.path.join(out, "rollout_4p.mp4"))
+  evaluate.write_json(dict(case=case.name, players=case.num_players, steps=records),
+                      os.path.join(out, "rollout_4p.json"))
+  seconds["sample_video"] = time.time() - start
+  log.info("[demo 3/4] wrote %s", video_path)
+
+  start = time.time()
+  cases = evaluate.dataset_cases(trained.config, "test", range(eval_episodes), eval_steps)
+  results = evaluate.evaluate(trained, cases, seed=seed, batch_size=8, denoise_steps=denoise_steps)
+  seconds["evaluate"] = time.time() - start
+  results.update(video=os.path.abspath(video_path), workdirs=dict(data=data_dir, autoencoder=ae_dir,
+                                                                   denoiser=dit_dir),
+                 demo_seconds=seconds, demo_settings=dict(episodes=episodes, ae_steps=ae_steps,
+                                                          dit_steps=dit_steps, eval_episodes=eval_episodes,
+                                                          eval_steps=eval_steps, denoise_steps=denoise_steps))
+  evaluate.write_json(results, os.path.join(out, "results.json"))
+  log.info("[demo 4/4] evaluated %d held-out episodes (%.0fs)", len(cases), seconds["evaluate"])
+  print(metrics.markdown_table(results))
+  print(f"movement_accuracy {results['movement_accuracy']:.3f}  subject_preservation "
+        f"{results['subject_preservation']:.3f}  ({sum(seconds.values()) / 60:.1f} min; {out}/results.json)")
+  return results
+
+
+def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 1500, dit_steps: int = 800,
+                   variants: Sequence[str] | None = None, eval_players: tuple[int, int] = (1, 8),
+                   episodes_per_count: int = 6, eval_steps: int = 8, denoise_steps: int = 10, seed: int = 0,
+                   progress: bool = True) -> dict[str, Any]:
+  """Trains and evaluates each variant; writes comparison.json and comparison.md. Resumable per variant."""
+  from ap_jax import evaluate
+  from ap_jax.train import trainer
+
+  names = list(variants or VARIANTS)
+  unknown = [n for n in names if n not in VARIANTS]
+  if unknown:
+    raise ValueError(f"unknown variants {unknown}: expected names from {', '.join(VARIANTS)}")
+  os.makedirs(out, exist_ok=True)
+  data_dir = build_data(out, episodes)
+  table: dict[str, Any] = {}
+  for name in names:
+    start = time.time()
+    _, dit_dir, _ = train_stages(out, data_dir, ae_steps=ae_steps, dit_steps=dit_steps,
+                                 dit_overrides=VARIANTS[name], dit_name=f"dit_{name}", progress=progress)
+    train_s = time.time() - start
+    trained = trainer.load_trained(dit_dir)
+    cases = evaluate.fresh_builtin_cases(trained.config, eval_players, episodes_per_count, eval_steps)
+    start = time.time()
+    results = evaluate.evaluate(trained, cases, seed=seed, batch_size=8, denoise_steps=denoise_steps)
+    results["seconds"] = dict(train=train_s, evaluate=time.time() - start)
+    table[name] = results
+    log.info("variant %s: movement %.3f, subjects %.3f", name, results["movement_accuracy"],
+             results["subject_preservation"])
+    evaluate.write_json(table, os.path.join(out, "comparison.json"))
+  markdown = comparison_markdown(table, eval_players)
+  with open(os.path.join(out, "comparison.md"), "w") as f:
+    f.write(markdown)
+  print(markdown)
+  return table
+
+
+def comparison_markdown(table: dict[str, Any], eval_players: tuple[int, int]) -> str:
+  keys = ("movement_accuracy", "subject_preservation", "tracking_error_px", "psnr")
+
+  def fmt(value):
+    return "-" if value is None else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+
+  lines = ["| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+  for name, res in table.items():
+    lines.append(f"| {name} | " + " | ".join(fmt(res.get(k)) for k in keys) + " |")
+  counts = list(range(eval_players[0], eval_players[1] + 1))
+  lines += ["", "Movement accuracy by number of players (trained on 2-4):", "",
+            "| variant | " + " | ".join(str(n) for n in counts) + " |", "|---|" + "---|" * len(counts)]
+  for name, res in table.items():
+    by = res.get("by_players", {})
+    lines.append(f"| {name} | " + " | ".join(fmt(by.get(str(n), {}).get("movement_accuracy")) for n in counts)
+                 + " |")
+  return "\n".join(lines) + "\n"
