@@ -45,7 +45,6 @@ The batch is padded to a multiple of the batch shards with copies of rollout 0, 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 from typing import Any
@@ -282,10 +281,10 @@ class Sampler:
   # ------------------------------------------------------------------------------------------ jit + sharding
 
   def _jit(self, name: str, fn, static_argnums=()):
-    key = name
-    if key not in self._jitted:
-      self._jitted[key] = jax.jit(fn, static_argnums=static_argnums)
-    return self._jitted[key]
+    # One jitted function per piece; jax caches one executable per input shape (cache length) under it.
+    if name not in self._jitted:
+      self._jitted[name] = jax.jit(fn, static_argnums=static_argnums)
+    return self._jitted[name]
 
   def _call(self, name, fn, *args, static_argnums=()):
     jitted = self._jit(name, fn, static_argnums)
