@@ -119,5 +119,8 @@ def model_fingerprint(config: ml_collections.ConfigDict) -> str:
       model.get(group, {}).pop(key, None)
   for key in ("flow",):
     model.pop(key, None)
+  if config.stage == "autoencoder":
+    # The autoencoder's shapes depend on model.vae only: denoiser variants (ablations, sizes) share one.
+    model = {"vae": model.get("vae", {})}
   blob = json.dumps(dict(stage=config.stage, model=model), sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
