@@ -210,6 +210,168 @@ def cmd_compare(args) -> int:
   return 0
 
 
+# ------------------------------------------------------------------------------------------------ sample
+
+
+def _mesh_sizes(text: str) -> dict[str, int]:
+  sizes = {}
+  for part in (p for p in text.split(",") if p):
+    name, _, value = part.partition("=")
+    if name not in ("data", "fsdp", "context", "tensor") or not value.lstrip("-").isdigit():
+      raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected AXIS=SIZE pairs joined by commas, axes data, "
+                                       "fsdp, context, tensor (e.g. data=2,tensor=2)")
+    sizes[name] = int(value)
+  return sizes
+
+
+def _add_sampler_flags(p):
+  p.add_argument("--workdir", required=True, help="denoiser workdir (`ap-jax train`); its config names the data")
+  p.add_argument("--sampler", choices=("euler", "heun"), default="euler", help="ODE sampler per chunk")
+  p.add_argument("--denoise-steps", type=int, default=20, help="sampler steps per chunk")
+  p.add_argument("--chunk", type=int, default=1, help="frames generated per chunk")
+  p.add_argument("--window", type=int, default=None,
+                 help="most frames the model attends over (cache + chunk); default: the training clip length")
+  p.add_argument("--context-noise", type=float, default=0.0, help="flow time of cached context frames (0 = clean)")
+  p.add_argument("--guidance", type=float, default=1.0,
+                 help="classifier-free guidance scale on actions (1 = off; needs flow.action_dropout > 0)")
+  p.add_argument("--seed", type=int, default=0, help="sampling noise seed")
+  p.add_argument("--mesh", type=_mesh_sizes, default=None,
+                 help="sample on a device mesh, e.g. data=8 or data=2,tensor=4 (default: one device)")
+
+
+def _load_for_sampling(args):
+  """(TrainedModel, sampler keyword arguments) from the common flags."""
+  from ap_jax.train import mesh as mesh_lib, trainer
+
+  mesh = None
+  if args.mesh:
+    import math
+
+    import jax
+    import ml_collections
+
+    sizes = dict(dict(data=1, fsdp=1, context=1, tensor=1), **args.mesh)
+    count = len(jax.devices()) if -1 in sizes.values() else math.prod(sizes.values())
+    if count > len(jax.devices()):
+      raise ValueError(f"--mesh {args.mesh} needs {count} devices, but there are {len(jax.devices())}")
+    mesh = mesh_lib.build_mesh(ml_collections.ConfigDict(sizes), devices=jax.devices()[:count])
+  trained = trainer.load_trained(args.workdir, mesh)
+  kwargs = dict(sampler=args.sampler, denoise_steps=args.denoise_steps, chunk=args.chunk, guidance=args.guidance,
+                context_noise=args.context_noise)
+  if args.window is not None:
+    kwargs["window"] = args.window
+  if mesh is not None:
+    kwargs.update(mesh=mesh, rules=mesh_lib.rules_from_config(trained.config))
+  return trained, kwargs
+
+
+def add_sample(sub):
+  p = sub.add_parser("sample", help="generate a rollout video from a dataset episode or an action file",
+                     description="Generate --steps frames autoregressively (KV cache, sliding window, predicted "
+                     "coordinates fed back) from a dataset episode's first frame (--episode SPLIT:K, the training "
+                     "config's dataset) or from the true game's reset for an action file's seed (--actions). "
+                     "Writes the video (generated beside the true game, predicted positions, actions, a green/red "
+                     "mark per player for whether the action was carried out) and a JSON file beside it.")
+  _add_sampler_flags(p)
+  what = p.add_mutually_exclusive_group(required=True)
+  what.add_argument("--episode", help="SPLIT:K, episode K of a split of the training dataset (e.g. test:0)")
+  what.add_argument("--actions", help="JSON action file (format: ap_jax/eval/action_files.py) with a seed")
+  p.add_argument("--steps", type=int, default=None, help="steps to generate (default: all the actions)")
+  p.add_argument("--out", required=True, help="output .mp4 or .gif; the JSON goes beside it")
+  p.add_argument("--scale", type=int, default=4, help="pixel upscaling for viewing")
+  p.add_argument("--fps", type=float, default=4.0)
+  p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args) -> int:
+  from ap_jax import evaluate, viz
+  from ap_jax import sample as sample_lib
+  from ap_jax.eval import metrics
+
+  if os.path.splitext(args.out)[1].lower() not in (".mp4", ".gif"):
+    raise ValueError(f"--out {args.out!r}: expected a path ending in .mp4 or .gif")
+  if args.actions:
+    from ap_jax.eval import action_files
+
+    action_files.load_action_file(args.actions)  # a bad file fails before the model loads
+  trained, kwargs = _load_for_sampling(args)
+  if args.episode:
+    split, sep, index = args.episode.rpartition(":")
+    if not sep or not split or not index.isdigit():
+      raise ValueError(f"--episode {args.episode!r}: expected SPLIT:K, e.g. test:0")
+    case = evaluate.dataset_cases(trained.config, split, [int(index)], args.steps)[0]
+  else:
+    case = evaluate.case_from_action_file(trained.config, args.actions, args.steps)
+  sampler = sample_lib.Sampler.from_trained(trained, **kwargs)
+  frames, positions, timing = evaluate.run_cases(sampler, [case], seed=args.seed, batch_size=1)
+  video, records = evaluate.render(case, frames[0], positions[0], scale=args.scale)
+  viz.write_video(video, args.out, fps=args.fps)
+  summary = None
+  if case.truth is not None and case.truth.get("source") == "builtin":
+    summary = metrics.aggregate([metrics.score_rollout(frames[0], case.truth, pred_positions=positions[0])])
+    summary = {k: summary[k] for k in metrics.METRICS if k in summary}
+  json_path = os.path.splitext(args.out)[0] + ".json"
+  evaluate.write_json(dict(
+      workdir=os.path.abspath(args.workdir), model_step=trained.step, case=case.name, seed_of_episode=case.seed,
+      **case.info, players=case.num_players, colors=case.colors, video=os.path.abspath(args.out),
+      sampling=evaluate.sampler_settings(sampler, args.seed), metrics=summary,
+      timing=timing, steps=records),
+      json_path)
+  fps = timing.get("steady_frames_per_s")
+  print(f"wrote {args.out} and {json_path}: {case.name}, {case.num_players} players, {case.actions.shape[0]} steps "
+        f"in {timing['seconds_sampling']:.1f}s" + (f" ({fps:.1f} frames/s after compilation)" if fps else "")
+        + ("" if summary is None else f"; movement accuracy {summary['movement_accuracy']:.3f}, subject "
+           f"preservation {summary['subject_preservation']:.3f}"))
+  return 0
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+def add_eval(sub):
+  p = sub.add_parser("eval", help="score a trained model against the true game on held-out episodes",
+                     description="Generate rollouts for held-out episodes (a split of the training dataset, or with "
+                     "--players fresh built-in episodes of each player count from held-out seeds), replay the same "
+                     "actions in the true game, and score movement accuracy, subject preservation, tracking error, "
+                     "PSNR and SSIM, broken down by player count and step. Writes --out and prints a table.")
+  _add_sampler_flags(p)
+  p.add_argument("--split", default="test", help="dataset split (ignored with --players)")
+  p.add_argument("--episodes", type=int, default=16,
+                 help="episodes from the split, or per player count with --players")
+  p.add_argument("--steps", type=int, default=None,
+                 help="steps per rollout (default: the episodes' length; with --players, data.steps)")
+  p.add_argument("--players", type=_players, default=None,
+                 help="MIN-MAX: fresh built-in episodes with each of these player counts instead of the split")
+  p.add_argument("--batch-size", type=int, default=8, help="rollouts generated together")
+  p.add_argument("--out", required=True, help="results JSON")
+  p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+  from ap_jax import evaluate
+  from ap_jax.eval import metrics
+
+  if args.episodes < 1:
+    raise ValueError(f"--episodes {args.episodes}, expected at least 1")
+  trained, kwargs = _load_for_sampling(args)
+  start = time.time()
+  if args.players is not None:
+    steps = args.steps if args.steps is not None else int(trained.config.data.steps)
+    cases = evaluate.fresh_builtin_cases(trained.config, args.players, args.episodes, steps)
+  else:
+    cases = evaluate.dataset_cases(trained.config, args.split, range(args.episodes), args.steps)
+  evaluate.check_scorable(cases)
+  results = evaluate.evaluate(trained, cases, seed=args.seed, batch_size=args.batch_size, **kwargs)
+  results["timing"]["seconds_total"] = time.time() - start
+  results["workdir"] = os.path.abspath(args.workdir)
+  results["split"] = None if args.players is not None else args.split
+  results["players"] = None if args.players is None else list(args.players)
+  evaluate.write_json(results, args.out)
+  print(metrics.markdown_table(results))
+  print(f"wrote {args.out}: {len(cases)} episodes in {results['timing']['seconds_total']:.1f}s")
+  return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 COMMANDS = [add_data, add_show, add_train, add_sample, add_eval, add_demo, add_compare]
