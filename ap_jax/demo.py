@@ -2,8 +2,8 @@
 
 `run_demo` (`ap-jax demo`, README's first command): generate data, train the tiny autoencoder and denoiser,
 sample a 4-player rollout video, evaluate against the true game and print movement accuracy and subject
-preservation. Everything lands in one output directory: `data/`, `ae/`, `dit/` (workdirs, resumable: running the
-demo again continues where it stopped), `rollout_4p.mp4` (+ `.json`), `results.json`.
+preservation. Everything lands in one output directory: `data/`, `ae/`, `dit_full/` (workdirs, resumable: running
+the demo again continues where it stopped), `rollout_4p.mp4` (+ `.json`), `results.json`.
 
 `run_comparison` (`ap-jax compare`): the full model, the global-action baseline and the four ablations, trained
 at equal steps on the same data with one shared autoencoder, each evaluated on fresh built-in episodes with 1 to
@@ -64,7 +64,7 @@ def train_stages(out: str, data_dir: str, *, ae_steps: int, dit_steps: int, dit_
   start = time.time()
   trainer.train(_config("", data + [f"--config.total_steps={dit_steps}", f"--config.autoencoder_workdir={ae_dir}"]
                         + list(dit_overrides)), dit_dir, progress=progress)
-  seconds[f"train_{dit_name}"] = time.time() - start
+  seconds["train_denoiser"] = time.time() - start
   return ae_dir, dit_dir, seconds
 
 
@@ -88,8 +88,10 @@ def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1500, dit_steps:
   data_dir = build_data(out, episodes)
   seconds["data"] = time.time() - start
   log.info("[demo 1/4] dataset ready at %s (%.0fs)", data_dir, seconds["data"])
+  # The denoiser workdir is the comparison's "full" variant, so `ap-jax compare --out` the same directory reuses
+  # the data, the autoencoder and this model.
   ae_dir, dit_dir, train_seconds = train_stages(out, data_dir, ae_steps=ae_steps, dit_steps=dit_steps,
-                                                progress=progress)
+                                                dit_name="dit_full", progress=progress)
   seconds.update(train_seconds)
   log.info("[demo 2/4] trained the autoencoder (%s) and the denoiser (%s)", ae_dir, dit_dir)
 
