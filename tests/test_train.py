@@ -243,8 +243,10 @@ def test_two_processes_match_one(straight_run, tmp_path):
   assert "2 process(es)" in errors[0]
   two = read_losses(multi)  # written by process 0 only
   assert sorted(two) == list(range(1, 21)) and all(len(v) == 1 for v in two.values())
+  # Gloo's cross-process all-reduce sums in another order than one process does: float32 rounding drifts by
+  # ~1e-5 relative over 20 steps (measured 1.8e-5 at worst). A wrong shard or batch would be off by far more.
   for step, values in straight_run.items():
-    np.testing.assert_allclose(two[step][0], values[0], rtol=1e-5, err_msg=f"step {step}")
+    np.testing.assert_allclose(two[step][0], values[0], rtol=1e-4, err_msg=f"step {step}")
 
 
 # ------------------------------------------------------------------------------------------------ learning
