@@ -12,7 +12,6 @@ at equal steps on the same data with one shared autoencoder, each evaluated on f
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -55,7 +54,7 @@ def train_stages(out: str, data_dir: str, *, ae_steps: int, dit_steps: int, dit_
   """Trains (or resumes, or skips when finished) the autoencoder and one denoiser. Returns workdirs + seconds."""
   from ap_jax.train import trainer
 
-  data = [f"--config.data.source=dir", f"--config.data.dir={data_dir}"]
+  data = ["--config.data.source=dir", f"--config.data.dir={data_dir}"]
   ae_dir, dit_dir = os.path.join(out, "ae"), os.path.join(out, dit_name)
   seconds = {}
   start = time.time()

@@ -17,7 +17,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ap_jax.data import dataset, pipeline, tfds_builder
 from ap_jax.games import gridgame as G

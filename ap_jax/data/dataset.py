@@ -33,7 +33,6 @@ class DatasetError(ValueError):
 
 def build(spec: tfds_builder.GenerationSpec, out_dir: str, *, overwrite: bool = False) -> str:
   """Generates the dataset described by `spec` into `out_dir` (atomically). Returns `out_dir`."""
-  import tensorflow_datasets as tfds
 
   spec = tfds_builder.check_spec(spec)
   out_dir = os.path.abspath(out_dir)

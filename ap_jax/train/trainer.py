@@ -545,7 +545,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = Fals
   # times. The compiled figure is logged beside it as a cross-check (they agree when layers are unrolled).
   analytic = analytic_step_flops(config, stage)
   flops = analytic / mesh.devices.size
-  b, t = int(config.data.global_batch_size), int(config.data.clip_steps)
+  b = int(config.data.global_batch_size)
   tokens_per_example = _tokens_per_example(config, stage)
   summary = dict(stage=stage.name, model=config.get("model_name"), mesh=mesh_lib.describe(mesh),
                  processes=jax.process_count(), device=getattr(device, "device_kind", str(device)),
