@@ -38,7 +38,7 @@ expect: index 0 is the conditioning frame, 1..N are generated.
 
 Sharding: with a mesh, rollouts are laid out over the mesh axes `batch` maps to (data, fsdp) and the denoiser
 traces under `sharding.logical_sharding`, so its activations are constrained as in training; parameters keep the
-shardings they were loaded with (`trainer.load_trained(workdir, mesh, rules)` lays them out by `param_shardings`).
+shardings they were loaded with (`trainer.load_trained(workdir, mesh, rules)` lays them out by `sharding.tree_shardings`).
 The batch is padded to a multiple of the batch shards with copies of rollout 0, whose results are dropped.
 """
 

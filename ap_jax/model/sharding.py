@@ -116,8 +116,28 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def tree_shardings(logical_axes_tree, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
-  """NamedShardings for a pytree whose leaves are PartitionSpecs of logical names (e.g. `param_logical_axes`)."""
-  return jax.tree.map(
-      lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec), rules, mesh.axis_names)),
-      logical_axes_tree, is_leaf=lambda s: isinstance(s, PartitionSpec))
+def tree_shardings(logical_axes_tree, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, shapes=None):
+  """NamedShardings for a pytree whose leaves are PartitionSpecs of logical names (e.g. `param_logical_axes`).
+
+  With `shapes` (the same tree of arrays or ShapeDtypeStructs), a dimension that its mesh axes do not divide
+  (an RGB conv's 3 output channels over tensor=2, say) is replicated instead, so one rules table serves every
+  model size and mesh.
+  """
+  is_spec = lambda s: isinstance(s, PartitionSpec)
+  if shapes is None:
+    return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec), rules, mesh.axis_names)),
+                        logical_axes_tree, is_leaf=is_spec)
+
+  def divisible(spec, leaf):
+    physical = tuple(logical_to_spec(tuple(spec), rules, mesh.axis_names))
+    physical += (None,) * (len(leaf.shape) - len(physical))
+    fixed = []
+    for dim, axes in zip(leaf.shape, physical):
+      names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+      size = 1
+      for name in names:
+        size *= mesh.shape[name]
+      fixed.append(axes if dim % size == 0 else None)
+    return NamedSharding(mesh, PartitionSpec(*fixed))
+
+  return jax.tree.map(divisible, logical_axes_tree, shapes, is_leaf=is_spec)

@@ -215,26 +215,10 @@ def shardings_like(tree_shapes, param_shardings, params_shapes, mesh) -> Any:
   return jax.tree_util.tree_map_with_path(pick, tree_shapes)
 
 
-def param_shardings(logical_axes, shapes, mesh, rules):
-  """NamedShardings from logical axis names. A dimension the mapped mesh axes do not divide (an RGB output
-  conv's 3 channels over tensor=2, say) is replicated instead: the rules stay one table for every model size."""
-
-  def one(spec, shape):
-    physical = sharding_lib.logical_to_spec(tuple(spec), rules, mesh.axis_names)
-    fixed = []
-    for dim, axes in zip(shape.shape, tuple(physical) + (None,) * (len(shape.shape) - len(physical))):
-      names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-      size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-      fixed.append(axes if dim % size == 0 else None)
-    return NamedSharding(mesh, PartitionSpec(*fixed))
-
-  return jax.tree.map(one, logical_axes, shapes, is_leaf=lambda s: isinstance(s, PartitionSpec))
-
-
 def build_state(config, stage: Stage, tx: optax.GradientTransformation, mesh, rules):
   """Returns (jitted init(rng) -> state, state shardings, abstract state). Parameters are created sharded."""
-  param_shardings_ = param_shardings(stage.logical_axes, jax.eval_shape(stage.init, jax.random.PRNGKey(0)),
-                                     mesh, rules)
+  param_shardings_ = sharding_lib.tree_shardings(stage.logical_axes, mesh, rules,
+                                                 shapes=jax.eval_shape(stage.init, jax.random.PRNGKey(0)))
 
   def init_state(rng):
     params = stage.init(rng)
@@ -271,7 +255,7 @@ def batch_shapes(config, stage: Stage, mesh, rules) -> dict[str, jax.ShapeDtypeS
 def build_step(config, stage: Stage, tx, schedule, mesh, rules, state_shardings, abstract_state):
   """The jitted training step, lowered and compiled ahead of time. Returns (compiled step, analysis dict)."""
   ema_decay = float(config.optim.ema_decay)
-  frozen_shardings = (param_shardings(stage.frozen_axes, stage.frozen, mesh, rules)
+  frozen_shardings = (sharding_lib.tree_shardings(stage.frozen_axes, mesh, rules, shapes=stage.frozen)
                       if stage.frozen is not None else None)
 
   def train_step(state, batch, frozen):
@@ -502,6 +486,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = Fals
                                      keep_period=int(config.keep_period) or None,
                                      async_save=bool(config.async_checkpointing))
   latest = ckpt.latest_step()
+  old: dict = {}
   if latest is not None:
     try:
       old = ckpt.read_meta(latest)
@@ -517,9 +502,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = Fals
   frozen, meta = None, {}
   if config.stage == "denoiser":
     frozen, ae_meta = load_autoencoder(config, mesh, rules)
-    if latest is not None:
-      meta = {k: ckpt.read_meta(latest)[k] for k in ("latent_shift", "latent_scale")}
-    else:
+    if latest is not None and "latent_shift" in old:
+      meta = {k: old[k] for k in ("latent_shift", "latent_scale")}
+    else:  # a fresh run, or a newest checkpoint whose metadata is unreadable (it is deterministic: recompute)
       meta = latent_statistics(config, frozen)
     meta["autoencoder_step"] = ae_meta.get("step")
   stage = build_stage(config, frozen=frozen, meta=meta)
@@ -535,7 +520,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = Fals
   else:
     state = init_fn(jax.random.PRNGKey(int(config.seed)))
   if stage.frozen is not None:
-    stage.frozen = jax.device_put(stage.frozen, param_shardings(stage.frozen_axes, stage.frozen, mesh, rules))
+    stage.frozen = jax.device_put(stage.frozen, sharding_lib.tree_shardings(stage.frozen_axes, mesh, rules,
+                                                                            shapes=stage.frozen))
 
   step_fn, analysis, _ = build_step(config, stage, tx, schedule, mesh, rules, state_shardings, abstract_state)
   num_params = layers_lib.count_params(abstract_state["params"])
