@@ -16,9 +16,8 @@ import logging
 import os
 import shutil
 import uuid
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 
 from ap_jax.data import tfds_builder
 
@@ -180,11 +179,3 @@ def _decode(record: dict[str, Any]) -> dict[str, Any]:
 
 def open_split(path: str, split: str = "train") -> EpisodeSource:
   return EpisodeSource(path, split)
-
-
-def split_names(path: str) -> Sequence[str]:
-  return sorted(read_info(path).split_files)
-
-
-def episode_array(ep: dict[str, Any], key: str) -> np.ndarray:
-  return np.asarray(ep[key])

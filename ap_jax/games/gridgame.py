@@ -95,10 +95,6 @@ class GameConfig:
   def frame_shape(self) -> tuple[int, int, int]:
     return (self.grid_height * self.cell_size, self.grid_width * self.cell_size, 3)
 
-  def max_players_for(self, layout: str) -> int:
-    """Players that always fit: the fewest free cells any map of this layout can have, capped at max_players."""
-    return self.max_players
-
 
 def layout_id(name: str) -> int:
   if name not in LAYOUTS:

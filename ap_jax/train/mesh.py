@@ -67,10 +67,6 @@ def rules_from_config(config: ml_collections.ConfigDict) -> tuple:
   return tuple(out)
 
 
-def batch_axes(rules) -> PartitionSpec:
-  return sharding_lib.logical_to_spec(("batch",), rules, MESH_AXES)
-
-
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   """Sharding of a batch-leading array: the batch dimension over the mesh axes `batch` maps to."""
   return NamedSharding(mesh, sharding_lib.logical_to_spec(("batch",), rules, mesh.axis_names))

@@ -573,8 +573,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = Fals
   with StopSignal() as stop:
     while step < total:
       local = next(data_iter)
-      batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
-               for k in stage.batch_keys}
+      batch = pipeline_lib.global_batch({k: local[k] for k in stage.batch_keys}, batch_sharding)
       state, metrics = step_fn(state, batch, stage.frozen)
       step += 1
       loss = float(metrics["loss"])
