@@ -228,7 +228,9 @@ def _add_sampler_flags(p):
   p.add_argument("--workdir", required=True, help="denoiser workdir (`ap-jax train`); its config names the data")
   p.add_argument("--sampler", choices=("euler", "heun"), default="euler", help="ODE sampler per chunk")
   p.add_argument("--denoise-steps", type=int, default=20, help="sampler steps per chunk")
-  p.add_argument("--chunk", type=int, default=1, help="frames generated per chunk")
+  p.add_argument("--chunk", type=int, default=None,
+                 help="frames generated per chunk; default: the training layout (clip_steps frames, or 1 for a "
+                      "model trained with independent frame times)")
   p.add_argument("--window", type=int, default=None,
                  help="most frames the model attends over (cache + chunk); default: the training clip length")
   p.add_argument("--context-noise", type=float, default=0.0, help="flow time of cached context frames (0 = clean)")

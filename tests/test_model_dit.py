@@ -327,3 +327,26 @@ def test_kv_cache_matches_one_pass(overrides):
   assert trimmed["k"].shape[2] == 2 * cache["k"].shape[2] // 3 and trimmed["entries"].shape[1] == 2
   with pytest.raises(ValueError, match="keep_frames = 4, expected 1 to 3"):
     dit.trim_cache(cache, 4)
+
+
+def test_subject_region_weight_marks_each_players_cell_now_and_before():
+  cfg = small_config()  # VAE 4x, patch 2: a token (and the built-in game's cell) is 8 px = 2x2 latent cells
+  cfg.flow.subject_loss_weight = 5.0
+  positions = np.zeros((1, 2, 2, 2), np.float32)
+  positions[0, 0, 0] = (12, 20)  # cell (1, 2): latent rows 2-3, columns 4-5
+  positions[0, 1, 0] = (12, 28)  # moved east: cell (1, 3), latent columns 6-7
+  positions[0, :, 1] = (60, 60)  # a padded slot: ignored
+  w = np.asarray(dit.subject_region_weight(cfg, jnp.asarray(positions), jnp.asarray([[True, False]]), (16, 16)))
+  expect = np.ones((1, 2, 16, 16), np.float32)
+  expect[0, 0, 2:4, 4:6] = 6.0
+  expect[0, 1, 2:4, 4:8] = 6.0  # frame 1: where the player is and where it was (its sprite is erased there)
+  np.testing.assert_array_equal(w, expect)
+
+
+def test_subject_loss_weight_changes_the_loss_only_when_set():
+  cfg = small_config()
+  batch = _batch(cfg)
+  base = float(dit.loss_fn(dit.init(jax.random.key(0), cfg), cfg, batch, jax.random.key(1))[0])
+  cfg.flow.subject_loss_weight = 8.0
+  weighted = float(dit.loss_fn(dit.init(jax.random.key(0), cfg), cfg, batch, jax.random.key(1))[0])
+  assert np.isfinite(weighted) and weighted != base

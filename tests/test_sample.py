@@ -112,7 +112,7 @@ def test_kv_cache_equals_rerunning_the_causal_model_over_all_frames(trained, epi
   # Heun, guidance (two caches: conditional and null actions) and noised context frames, so every cache path is
   # compared; the window spans the whole rollout, where both paths see the same frames.
   frames, positions, actions = _inputs(episodes[0], 2)
-  kwargs = dict(sampler="heun", denoise_steps=2, guidance=1.5, context_noise=0.05, window=3)
+  kwargs = dict(sampler="heun", denoise_steps=2, guidance=1.5, context_noise=0.05, window=3, chunk=1)
   cached = sample_lib.Sampler.from_trained(trained, **kwargs).rollout(frames, positions, actions, seed=1)
   full = sample_lib.Sampler.from_trained(trained, use_cache=False, **kwargs).rollout(frames, positions, actions,
                                                                                      seed=1)
@@ -162,6 +162,8 @@ def test_bad_sampler_settings_are_named(trained):
   with pytest.raises(sample_lib.SampleError, match="window = 2 frames, expected at least chunk \\+ 1 = 3"):
     sample_lib.Sampler.from_trained(trained, chunk=2, window=2)
   s = sample_lib.Sampler.from_trained(trained)
+  # Defaults follow the training layout: one context frame and clip_steps = 2 frames at one shared noise level.
+  assert (s.chunk, s.window) == (2, WINDOW)
   with pytest.raises(sample_lib.SampleError, match="actions give 9 players, but the model has 8 subject slots"):
     s.rollout(np.zeros((1, 64, 64, 3), np.uint8), np.zeros((1, 9, 2)), np.zeros((1, 2, 9), np.int32))
   with pytest.raises(ValueError, match=r"actions\[0, 1, 0\] = 8, but the action space has 8 actions"):

@@ -491,6 +491,29 @@ def predict(params: Params, config: ml_collections.ConfigDict, batch: dict[str, 
   return out
 
 
+def subject_region_weight(config: ml_collections.ConfigDict, positions_BFP2: jax.Array, player_mask_BP: jax.Array,
+                          latent_hw: tuple[int, int]) -> jax.Array:
+  """[B, F, h, w] loss weight of each latent cell: 1 + flow.subject_loss_weight where a real player is in frame f
+  or was in frame f - 1 (the cells where a move draws or erases a sprite), else 1.
+
+  "Is in" means the latent cell's centre lies within 0.75 token widths of the player's pixel centre (Chebyshev),
+  which on the built-in game's token-sized cells covers exactly the player's cell. Sprites are a few percent of a
+  frame: unweighted, the velocity loss is dominated by the background, which the model learns to copy long before
+  it learns to move players (the reason this exists; measured in README "Training the denoiser")."""
+  h, w = latent_hw
+  comp = config_lib.compression(config)
+  reach = 0.75 * config_lib.pixels_per_token(config)
+  centre_y = (jnp.arange(h, dtype=jnp.float32) + 0.5) * comp
+  centre_x = (jnp.arange(w, dtype=jnp.float32) + 0.5) * comp
+  pos = positions_BFP2.astype(jnp.float32)
+  near_y = jnp.abs(centre_y[None, None, None, :] - pos[..., 0:1]) < reach  # [B, F, P, h]
+  near_x = jnp.abs(centre_x[None, None, None, :] - pos[..., 1:2]) < reach  # [B, F, P, w]
+  occupied = near_y[..., :, None] & near_x[..., None, :] & player_mask_BP.astype(bool)[:, None, :, None, None]
+  occupied = jnp.any(occupied, axis=2)  # [B, F, h, w]
+  previous = jnp.concatenate([occupied[:, :1], occupied[:, :-1]], axis=1)
+  return 1.0 + config.flow.subject_loss_weight * (occupied | previous).astype(jnp.float32)
+
+
 def loss_fn(params: Params, config: ml_collections.ConfigDict, batch: dict[str, jax.Array], rng: jax.Array):
   """Flow-matching loss of the denoiser on one batch: (loss, metrics).
 
@@ -502,7 +525,11 @@ def loss_fn(params: Params, config: ml_collections.ConfigDict, batch: dict[str, 
   b, f = times.shape
   frame_weight = (jnp.arange(f) >= config.flow.num_context_frames).astype(jnp.float32)
   frame_weight = jnp.broadcast_to(frame_weight, (b, f))
-  video_loss = flow_lib.flow_loss(out["video"], targets["video"], frame_weight)
+  video_weight = frame_weight
+  if config.flow.subject_loss_weight > 0:
+    video_weight = frame_weight[:, :, None, None] * subject_region_weight(
+        config, batch["positions"], batch["player_mask"], batch["latents"].shape[2:4])
+  video_loss = flow_lib.flow_loss(out["video"], targets["video"], video_weight)
   metrics = {"video_loss": video_loss}
   loss = video_loss
   if config.dit.subject_tokens:
