@@ -186,20 +186,22 @@ class Sampler:
     ts = self.times
     k = self.denoise_steps
 
+    # Coordinates move in their own time g(t) (flow.coord_time; g(t) = t unless they lead the video).
+    g = lambda t: flow_lib.coord_time(t, self.config.flow.coord_time_lead)
+
     def euler(i, xy):
       x, y = xy
       vx, vy = velocity(x, y, ts[i])
-      dt = ts[i + 1] - ts[i]
-      return x + dt * vx, y + dt * vy
+      return x + (ts[i + 1] - ts[i]) * vx, y + (g(ts[i + 1]) - g(ts[i])) * vy
 
     def heun(i, xy):
       x, y = xy
       t, t_next = ts[i], ts[i + 1]
-      dt = t_next - t
+      dt, dg = t_next - t, g(t_next) - g(t)
       vx, vy = velocity(x, y, t)
-      xe, ye = x + dt * vx, y + dt * vy
+      xe, ye = x + dt * vx, y + dg * vy
       vx2, vy2 = velocity(xe, ye, t_next)
-      return x + dt * 0.5 * (vx + vx2), y + dt * 0.5 * (vy + vy2)
+      return x + dt * 0.5 * (vx + vx2), y + dg * 0.5 * (vy + vy2)
 
     if self.sampler == "euler":
       return jax.lax.fori_loop(0, k, euler, (x, y))
@@ -236,7 +238,7 @@ class Sampler:
     times = jnp.full((b, f), self.context_noise, jnp.float32)
     if self.context_noise > 0:
       latents = flow_lib.add_noise(latents, noise_v, times)
-      coords = flow_lib.add_noise(coords, noise_c, times)
+      coords = flow_lib.add_noise(coords, noise_c, flow_lib.coord_time(times, self.config.flow.coord_time_lead))
     return latents, coords, times
 
   def _chunk_cached(self, params, vae_params, cache, actions_BFP, player_mask, initial_coords, keys_B, latent_hwc):

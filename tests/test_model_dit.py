@@ -350,3 +350,14 @@ def test_subject_loss_weight_changes_the_loss_only_when_set():
   cfg.flow.subject_loss_weight = 8.0
   weighted = float(dit.loss_fn(dit.init(jax.random.key(0), cfg), cfg, batch, jax.random.key(1))[0])
   assert np.isfinite(weighted) and weighted != base
+
+
+def test_coordinate_lead_gives_clean_coordinates_and_no_coordinate_loss_below_it():
+  cfg = small_config()
+  cfg.flow.coord_time_lead = 0.5
+  batch = _batch(cfg)
+  times = jnp.asarray([[0.05, 0.4, 0.4], [0.0, 0.9, 0.9]], jnp.float32)
+  inputs, _, _ = dit.training_inputs(cfg, batch, jax.random.key(0), times)
+  clean = dit.positions_to_coords(batch["positions"], (32, 32)) * batch["player_mask"][:, None, :, None]
+  np.testing.assert_allclose(inputs["coords"][0], clean[0], atol=1e-6)  # video at t <= 0.5: coordinates clean
+  assert float(jnp.abs(inputs["coords"][1, 1:] - clean[1, 1:]).max()) > 0.1  # t = 0.9: noisy (g = 0.8)

@@ -50,3 +50,19 @@ def test_flow_loss_weights_select_entries():
   target = jnp.ones((2, 3, 4)).at[:, 0].set(5.0)
   weight = jnp.asarray([[0.0, 1.0, 1.0]] * 2)
   assert float(flow.flow_loss(pred, target, weight)) == pytest.approx(1.0)
+
+
+def test_coordinate_time_leads_the_video():
+  t = jnp.asarray([0.0, 0.25, 0.5, 0.75, 1.0])
+  np.testing.assert_array_equal(flow.coord_time(t, 0.0), t)  # no lead: the same time
+  np.testing.assert_allclose(flow.coord_time(t, 0.5), [0.0, 0.0, 0.0, 0.5, 1.0])  # clean from t = 0.5 on
+  with pytest.raises(ValueError, match="coord_time_lead = 1.0, expected a value in \\[0, 1\\)"):
+    flow.coord_time(t, 1.0)
+  # An Euler pass over the sampling times in coordinate time g(t) with the exact velocity lands on the data.
+  x0, eps = jnp.asarray([0.3, -0.7]), jnp.asarray([1.2, 0.4])
+  ts = flow.sampling_times(6, 3.0)
+  g = lambda s: flow.coord_time(s, 0.5)
+  y = flow.add_noise(x0, eps, g(ts[0]))
+  for i in range(6):
+    y = y + (g(ts[i + 1]) - g(ts[i])) * flow.velocity_target(x0, eps)
+  np.testing.assert_allclose(y, x0, atol=1e-6)

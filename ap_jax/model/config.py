@@ -81,6 +81,9 @@ def _flow():
       context_noise_max=0.1,  # context frames get t ~ U[0, context_noise_max] (diffusion forcing, anti-drift)
       independent_frame_times=False,  # True: each target frame draws its own t (full diffusion forcing)
       coord_loss_weight=1.0,
+      # Coordinates lead the video in denoising (flow.coord_time): clean once the video reaches t = lead. 0 = the
+      # same time for both.
+      coord_time_lead=0.0,
       # Extra video-loss weight on the latent cells a player occupies in the frame or occupied in the previous
       # frame (dit.subject_region_weight): 1 + this there, 1 elsewhere. 0 = the plain unweighted loss.
       subject_loss_weight=0.0,

@@ -469,7 +469,8 @@ def training_inputs(config: ml_collections.ConfigDict, batch: dict[str, jax.Arra
       "player_mask": player_mask,
   }
   if config.dit.subject_tokens:
-    inputs["coords"] = flow_lib.add_noise(coords0, noise_c, times) * player_mask[:, None, :, None]
+    coord_times = flow_lib.coord_time(times, config.flow.coord_time_lead)
+    inputs["coords"] = flow_lib.add_noise(coords0, noise_c, coord_times) * player_mask[:, None, :, None]
   else:
     inputs["initial_coords"] = coords0[:, 0] * player_mask[:, :, None]
   targets = {"video": flow_lib.velocity_target(latents, noise_v),
@@ -533,7 +534,9 @@ def loss_fn(params: Params, config: ml_collections.ConfigDict, batch: dict[str, 
   metrics = {"video_loss": video_loss}
   loss = video_loss
   if config.dit.subject_tokens:
-    w = frame_weight[:, :, None] * inputs["player_mask"][:, None, :].astype(jnp.float32)
+    # Frames whose coordinates are already clean (coord_time 0, possible with a lead) carry no coordinate target.
+    noisy = (flow_lib.coord_time(times, config.flow.coord_time_lead) > 0).astype(jnp.float32)
+    w = (frame_weight * noisy)[:, :, None] * inputs["player_mask"][:, None, :].astype(jnp.float32)
     coord_loss = flow_lib.flow_loss(out["coords"], targets["coords"], w)
     metrics["coord_loss"] = coord_loss
     loss = loss + config.flow.coord_loss_weight * coord_loss

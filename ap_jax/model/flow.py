@@ -46,6 +46,19 @@ def sample_frame_times(rng: jax.Array, batch_size: int, num_frames: int,
   return jnp.concatenate([ctx, tgt], axis=1)
 
 
+def coord_time(t: jax.Array, lead: float) -> jax.Array:
+  """Flow time of the subject coordinates when the video is at flow time t: (t - lead) / (1 - lead), clipped to
+  [0, 1]. lead = 0 noises both at the same time (plain joint denoising); lead > 0 makes the coordinates lead, so
+  they are clean once the video reaches t = lead and the rest of sampling renders the frame around known
+  positions (the subject tokens' RoPE then sits exactly on their players). The coordinates' velocity target
+  stays noise - x0 in their own time, so an ODE step from t to t' moves them by (g(t') - g(t)) v."""
+  if not 0.0 <= lead < 1.0:
+    raise ValueError(f"flow.coord_time_lead = {lead}, expected a value in [0, 1)")
+  if lead == 0.0:
+    return t
+  return jnp.clip((t - lead) / (1.0 - lead), 0.0, 1.0)
+
+
 def add_noise(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
   """x_t = (1 - t) x0 + t noise; t broadcasts from the left ([B, F] against [B, F, ...])."""
   t = t.reshape(t.shape + (1,) * (x0.ndim - t.ndim)).astype(x0.dtype)
