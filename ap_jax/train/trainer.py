@@ -592,6 +592,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = Fals
         history.append(dict(step=step, loss=host["loss"], step_time_s=dt))
         if bar is not None:
           bar.set_postfix(loss=f"{host['loss']:.4f}", step_s=f"{dt:.3f}")
+        elif is_main:  # no progress bar: the log says how far the run is
+          log.info("%s step %d/%d | loss %.4f | %.3f s/step", stage.name, step, total, host["loss"], dt)
       if bar is not None:
         bar.update(1)
       if step % ckpt_every == 0 or step == total:
