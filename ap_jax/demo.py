@@ -101,6 +101,8 @@ def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1500, dit_steps:
   frames, positions, _ = evaluate.run_cases(sampler, [case], seed=seed, batch_size=1)
   video, records = evaluate.render(case, frames[0], positions[0])
   video_path = viz.write_video(video, os.path.join(out, "rollout_4p.mp4"))
+  # The same rollout as a still: the true game (top) above the generated frames (bottom), first 9 frames.
+  viz.write_strip([list(case.truth["frames"][:9]), list(frames[0][:9])], os.path.join(out, "rollout_4p.png"))
   evaluate.write_json(dict(case=case.name, players=case.num_players, steps=records),
                       os.path.join(out, "rollout_4p.json"))
   seconds["sample_video"] = time.time() - start

@@ -102,3 +102,23 @@ def write_video(frames: Sequence[np.ndarray], path: str, fps: float = 4.0) -> st
         writer.append_data(even(f))
   os.replace(tmp, path)
   return path
+
+
+def write_strip(rows: Sequence[Sequence[np.ndarray]], path: str, *, scale: int = 3, gap: int = 2) -> str:
+  """Writes a PNG contact sheet, atomically: one row of frames [H, W, 3] uint8 per entry of `rows` (e.g. the true
+  game above the generated rollout), frames side by side with `gap` dark pixels between them, scaled up by
+  `scale` with nearest-neighbour sampling so pixel-art cells stay sharp."""
+  if not rows or any(len(r) != len(rows[0]) for r in rows) or not rows[0]:
+    raise ValueError(f"rows must be non-empty and of equal length, got lengths {[len(r) for r in rows]}")
+  h, w = np.asarray(rows[0][0]).shape[:2]
+  n = len(rows[0])
+  sheet = np.full((len(rows) * (h + gap) - gap, n * (w + gap) - gap, 3), 40, np.uint8)
+  for i, row in enumerate(rows):
+    for j, frame in enumerate(row):
+      sheet[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = np.asarray(frame)[..., :3]
+  image = Image.fromarray(sheet).resize((sheet.shape[1] * scale, sheet.shape[0] * scale), Image.NEAREST)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp.png"
+  image.save(tmp)
+  os.replace(tmp, path)
+  return path

@@ -372,3 +372,19 @@ def test_action_file_drives_replay(tmp_path):
   np.testing.assert_array_equal(truth["cells"][0], truth["cells"][-1])
   with pytest.raises(ValueError, match="unknown layout 'maze'"):
     replay.replay_builtin(3, "maze", acts)
+
+
+def test_write_strip_lays_rows_out_sharp(tmp_path):
+  from PIL import Image
+
+  from ap_jax import viz
+
+  red, blue = np.zeros((4, 6, 3), np.uint8), np.zeros((4, 6, 3), np.uint8)
+  red[..., 0], blue[..., 2] = 255, 255
+  path = viz.write_strip([[red, red, red], [blue, blue, blue]], str(tmp_path / "s.png"), scale=2, gap=1)
+  sheet = np.asarray(Image.open(path))
+  assert sheet.shape == (2 * (2 * 4 + 1), 2 * (3 * 6 + 2), 3)
+  assert tuple(sheet[0, 0]) == (255, 0, 0) and tuple(sheet[-1, -1]) == (0, 0, 255)
+  assert tuple(sheet[8, 0]) == (40, 40, 40)  # the gap between the rows
+  with pytest.raises(ValueError, match="equal length"):
+    viz.write_strip([[red], [blue, blue]], str(tmp_path / "bad.png"))
