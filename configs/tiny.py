@@ -6,10 +6,11 @@ Autoencoder, then denoiser (the denoiser reads the autoencoder's workdir):
   ap-jax train --config configs/tiny.py --workdir runs/tiny/dit --config.autoencoder_workdir=runs/tiny/ae
 
 Hardware: 2 CPU cores (float32). First use generates the built-in dataset (2,000 episodes of 16 steps, 2-4
-players, 64x64 frames) into ~/.cache/ap_jax (about 12 s). Measured on 2 CPU cores: the autoencoder runs at
-0.28 s/step (1,500 steps: about 7 min; 29.4 dB PSNR on held-out frames, every player still detected in its
-reconstructions); the denoiser at 0.64 s/step (batch 8 of 5-frame clips), loss 5.3 -> 0.38 in 800 steps. At 800
-steps the denoiser does not yet follow actions (movement accuracy 0.002; see README "Measured so far").
+players, 64x64 frames) into ~/.cache/ap_jax (about 10 s). Measured on 2 CPU cores (`ap-jax demo`, 18.1 min end to
+end): the autoencoder, 1,500 steps in 5.5 min (0.2 s/step; 29.4 dB PSNR on held-out frames, every player
+still detected in its reconstructions); the denoiser, 1,200 steps in 12.0 min (0.55 s/step, batch 8 of 5-frame
+clips). The denoiser then follows actions only rarely: movement accuracy 0.059, subject preservation 0.438 on
+held-out episodes (README "The main job and the comparison").
 
 Arguments (comma-separated after the colon): `autoencoder` selects that stage; `runlocal` shrinks the run to a
 smoke test (a few steps, small batch).
