@@ -120,6 +120,9 @@ def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1500, dit_steps:
   evaluate.write_json(results, os.path.join(out, "results.json"))
   log.info("[demo 4/4] evaluated %d held-out episodes (%.0fs)", len(cases), seconds["evaluate"])
   print(metrics.markdown_table(results))
+  hold = results["baselines"]["hold_initial_frame"]
+  print(f"baseline, holding the initial frame: movement_accuracy {hold['movement_accuracy']:.3f}  "
+        f"subject_preservation {hold['subject_preservation']:.3f}  psnr {hold['psnr']:.2f}")
   print(f"movement_accuracy {results['movement_accuracy']:.3f}  subject_preservation "
         f"{results['subject_preservation']:.3f}  ({sum(seconds.values()) / 60:.1f} min; {out}/results.json)")
   return results
@@ -170,6 +173,9 @@ def comparison_markdown(table: dict[str, Any], eval_players: tuple[int, int]) ->
   lines = ["| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
   for name, res in table.items():
     lines.append(f"| {name} | " + " | ".join(fmt(res.get(k)) for k in keys) + " |")
+  hold = next((res["baselines"]["hold_initial_frame"] for res in table.values() if "baselines" in res), None)
+  if hold is not None:  # the same cases for every variant: one row
+    lines.append("| (hold the initial frame) | " + " | ".join(fmt(hold.get(k)) for k in keys) + " |")
   counts = list(range(eval_players[0], eval_players[1] + 1))
   lines += ["", "Movement accuracy by number of players (trained on 2-4):", "",
             "| variant | " + " | ".join(str(n) for n in counts) + " |", "|---|" + "---|" * len(counts)]

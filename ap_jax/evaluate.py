@@ -275,12 +275,25 @@ def evaluate(trained, cases: Sequence[Case], *, seed: int = 0, batch_size: int =
                           subject_tokens=bool(trained.model_config.dit.subject_tokens))
   results["sampling"] = sampler_settings(sampler, seed)
   results["timing"] = timing
+  results["baselines"] = {"hold_initial_frame": hold_initial_frame_baseline(cases)}
   results["episodes"] = [
       dict(name=c.name, seed=c.seed, players=c.num_players, steps=int(c.actions.shape[0]), **c.info,
            movement_accuracy=float(np.mean(s["movement_accuracy"])),
            subject_preservation=float(np.mean(s["subject_preservation"])))
       for c, s in zip(cases, scores)]
   return results
+
+
+def hold_initial_frame_baseline(cases: Sequence[Case]) -> dict[str, Any]:
+  """The metrics of a "model" that shows the initial frame at every step (no one ever moves or turns), on the same
+  cases: the floor a world model must beat. Its movement accuracy is the share of (player, step) instances whose
+  true effect is "stayed, same facing" (NOOP, INTERACT, blocked moves); its PSNR is that of a static scene."""
+  from ap_jax.eval import metrics
+
+  scores = [metrics.score_rollout(np.repeat(np.asarray(c.frame)[None], c.actions.shape[0] + 1, axis=0), c.truth)
+            for c in cases]
+  pooled = metrics.aggregate(scores)
+  return {k: pooled[k] for k in ("movement_accuracy", "state_accuracy", "subject_preservation", "psnr", "ssim")}
 
 
 def sampler_settings(sampler: sample_lib.Sampler, seed: int) -> dict[str, Any]:

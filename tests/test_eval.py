@@ -388,3 +388,16 @@ def test_write_strip_lays_rows_out_sharp(tmp_path):
   assert tuple(sheet[8, 0]) == (40, 40, 40)  # the gap between the rows
   with pytest.raises(ValueError, match="equal length"):
     viz.write_strip([[red], [blue, blue]], str(tmp_path / "bad.png"))
+
+
+def test_hold_initial_frame_baseline_scores_exactly_the_steps_where_nothing_changes(truth3, episodes):
+  from ap_jax import evaluate
+
+  ep = next(e for e in episodes if len(e["colors"]) >= 3)
+  case = evaluate.Case(frame=truth3["frames"][0], positions=ep["positions"][0], actions=ep["actions"],
+                       colors=ep["colors"], truth=truth3, name="t", seed=0)
+  hold = evaluate.hold_initial_frame_baseline([case])
+  cells, facing = np.asarray(truth3["cells"]), np.asarray(truth3["orientations"])
+  unchanged = np.all(cells[1:] == cells[:-1], axis=-1) & (facing[1:] == facing[:-1])  # [T, P]
+  assert hold["movement_accuracy"] == pytest.approx(unchanged.mean())
+  assert hold["subject_preservation"] == 1.0  # every player is shown, once, in its own colour
