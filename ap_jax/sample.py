@@ -10,8 +10,9 @@ How a rollout runs (our reading of the paper's Self-Forcing-style inference; cho
 2. Each chunk of `chunk` frames starts from Gaussian noise in its latents AND its subject
    coordinates, which are denoised jointly by an Euler or Heun ODE sampler over `denoise_steps` steps of the
    rectified-flow schedule (`flow.sampling_times`, with the model's training shift); the coordinates move in
-   their own time `flow.coord_time(t, flow.coord_time_lead)`, so with a lead they are clean before the video. Every denoiser call reads the
-   cached past frames; the chunk's actions (the ones that produce its frames) go in as the chunk's entries.
+   their own time `flow.coord_time(t, flow.coord_time_lead)`, so with a lead they are clean before the video.
+   Every denoiser call reads the cached past frames; the chunk's actions (the ones that produce its frames) go in
+   as the chunk's entries.
 3. The clean chunk is passed once more with `return_cache=True` to append it to the cache, as context: at flow
    time `context_noise` (default 0, i.e. clean; training draws context times from U[0, flow.context_noise_max],
    so any level in that range is in distribution, and a small one re-noises the chunk with seeded noise against

@@ -499,8 +499,8 @@ def subject_region_weight(config: ml_collections.ConfigDict, positions_BFP2: jax
 
   "Is in" means the latent cell's centre lies within 0.75 token widths of the player's pixel centre (Chebyshev),
   which on the built-in game's token-sized cells covers exactly the player's cell. Sprites are a few percent of a
-  frame: unweighted, the velocity loss is dominated by the background, which the model learns to copy long before
-  it learns to move players (the reason this exists; measured in README "Training the denoiser")."""
+  frame: unweighted, the velocity loss is dominated by the background. Off by default: on the tiny model it cost
+  PSNR and did not help the players (README "Training the denoiser: what was measured")."""
   h, w = latent_hw
   comp = config_lib.compression(config)
   reach = 0.75 * config_lib.pixels_per_token(config)

@@ -64,7 +64,8 @@ def ema_update(ema, params, decay: float, step: jax.Array):
   """EMA of the parameters for sampling. The decay warms up as (1 + step) / (10 + step) until it reaches `decay`
   (TensorFlow's ExponentialMovingAverage num_updates rule), so the EMA tracks a short run instead of averaging
   in its early, bad weights: with the plain 1 - 1/(step + 1) warm-up the EMA is the uniform mean of every step
-  so far until step 1/(1 - decay), which cost an 800-step tiny denoiser a third of its subject preservation."""
+  so far until step 1/(1 - decay) (on a 2,600-step tiny denoiser, sampling from that EMA scored subject
+  preservation 0.364 against 0.450 with the raw weights)."""
   s = step.astype(jnp.float32)
   d = jnp.minimum(decay, (1.0 + s) / (10.0 + s))
   return jax.tree.map(lambda e, p: (d * e.astype(jnp.float32) + (1.0 - d) * p.astype(jnp.float32)).astype(e.dtype),
