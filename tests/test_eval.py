@@ -401,3 +401,17 @@ def test_hold_initial_frame_baseline_scores_exactly_the_steps_where_nothing_chan
   unchanged = np.all(cells[1:] == cells[:-1], axis=-1) & (facing[1:] == facing[:-1])  # [T, P]
   assert hold["movement_accuracy"] == pytest.approx(unchanged.mean())
   assert hold["subject_preservation"] == 1.0  # every player is shown, once, in its own colour
+
+
+def test_comparison_table_has_a_row_per_variant_and_one_for_the_static_baseline():
+  from ap_jax import demo
+
+  row = lambda ma: dict(movement_accuracy=ma, subject_preservation=0.5, tracking_error_px=None, psnr=18.25,
+                        by_players={"2": dict(movement_accuracy=ma)},
+                        baselines={"hold_initial_frame": dict(movement_accuracy=0.5, subject_preservation=1.0,
+                                                              psnr=21.75)})
+  lines = demo.comparison_markdown({"full": row(0.25), "global_actions": row(0.125)}, (1, 2)).splitlines()
+  assert lines[2] == "| full | 0.250 | 0.500 | - | 18.2 |"
+  assert lines[3] == "| global_actions | 0.125 | 0.500 | - | 18.2 |"
+  assert lines[4] == "| (hold the initial frame) | 0.500 | 1.000 | - | 21.8 |"
+  assert lines[-1] == "| global_actions | - | 0.125 |"
