@@ -3,7 +3,8 @@
 `run_demo` (`ap-jax demo`, README's first command): generate data, train the tiny autoencoder and denoiser,
 sample a 4-player rollout video, evaluate against the true game and print movement accuracy and subject
 preservation. Everything lands in one output directory: `data/`, `ae/`, `dit_full/` (workdirs, resumable: running
-the demo again continues where it stopped), `rollout_4p.mp4` (+ `.json`), `results.json`.
+the demo again continues where it stopped), `rollout_4p.mp4` (+ `.json`, and `.png`: the true game above the
+generated frames), `results.json`.
 
 `run_comparison` (`ap-jax compare`): the full model, the global-action baseline and the four ablations, trained
 at equal steps on the same data with one shared autoencoder, each evaluated on fresh built-in episodes with 1 to
