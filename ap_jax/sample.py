@@ -112,7 +112,8 @@ class Sampler:
 
   def __init__(self, params, model_config: ml_collections.ConfigDict, vae_params, *, sampler: str = "euler",
                denoise_steps: int = 20, chunk: int = 1, window: int = 5, guidance: float = 1.0,
-               context_noise: float = 0.0, use_cache: bool = True, mesh=None, rules=None):
+               context_noise: float = 0.0, use_cache: bool = True, reencode: bool = True, snap_px: float = 0.0,
+               mesh=None, rules=None):
     if sampler not in SAMPLERS:
       raise SampleError(f"sampler = {sampler!r}, expected one of {SAMPLERS}")
     if denoise_steps < 1:
@@ -125,12 +126,22 @@ class Sampler:
     if not 0.0 <= context_noise < 1.0:
       raise SampleError(f"context_noise = {context_noise}, expected a flow time in [0, 1) (training uses "
                         f"[0, {model_config.flow.context_noise_max}])")
+    if snap_px < 0:
+      raise SampleError(f"snap_px = {snap_px}, expected 0 (off) or the grid cell size in pixels")
+    self.previous_frame_input = bool(model_config.dit.get("previous_frame_input", False))
+    if self.previous_frame_input and chunk != 1:
+      raise SampleError(f"chunk = {chunk}, but the model reads the previous frame's latents "
+                        "(dit.previous_frame_input), which exist only for chunk = 1")
+    if self.previous_frame_input and use_cache and not reencode:
+      raise SampleError("reencode = False with dit.previous_frame_input: a cached window must be re-encoded so its "
+                        "first frame sees no previous frame, as in training")
     if guidance != 1.0 and float(model_config.flow.get("action_dropout", 0.0)) <= 0.0:
       log.warning("guidance = %s, but the model was trained with flow.action_dropout = 0: the null action it "
                   "guides against was never trained, so guidance is not meaningful", guidance)
     self.params, self.vae_params, self.config = params, vae_params, model_config
     self.sampler, self.denoise_steps, self.chunk, self.window = sampler, int(denoise_steps), int(chunk), int(window)
     self.guidance, self.context_noise, self.use_cache = float(guidance), float(context_noise), bool(use_cache)
+    self.reencode, self.snap_px = bool(reencode), float(snap_px)
     self.mesh, self.rules = mesh, (rules if rules is not None else sharding_lib.DEFAULT_RULES)
     self.subject_tokens = bool(model_config.dit.subject_tokens)
     self.slots = int(model_config.max_players)
@@ -148,7 +159,8 @@ class Sampler:
     kwargs.setdefault("window", clip + 1)
     if kwargs.get("chunk") is None:
       flow = trained.model_config.flow
-      kwargs["chunk"] = 1 if flow.independent_frame_times else clip + 1 - int(flow.num_context_frames)
+      one = flow.independent_frame_times or trained.model_config.dit.get("previous_frame_input", False)
+      kwargs["chunk"] = 1 if one else clip + 1 - int(flow.num_context_frames)
     return cls(trained.params, trained.model_config, trained.vae_params, **kwargs)
 
   # ------------------------------------------------------------------------------------------ pure pieces
@@ -212,27 +224,44 @@ class Sampler:
     x, y = jax.lax.fori_loop(0, k - 1, heun, (x, y))
     return euler(k - 1, (x, y))
 
-  def _model_inputs(self, latents, times, actions, player_mask, coords, initial_coords):
+  def _model_inputs(self, latents, times, actions, player_mask, coords, initial_coords, previous=None):
     inputs = {"latents": latents, "times": times, "actions": actions, "player_mask": player_mask}
+    if self.previous_frame_input:
+      inputs["previous_latents"] = previous
     if self.subject_tokens:
       inputs["coords"] = coords * player_mask[:, None, :, None]
     else:
       inputs["initial_coords"] = initial_coords * player_mask[:, :, None]
     return inputs
 
-  def _encode_context(self, params, vae_params, frames_B1HWC, coords_B1S2, player_mask, initial_coords, keys_B):
-    """The context frame (frame 0) -> (its context latents and coords, the cache)."""
-    cfg = self.config
-    latents = vae_lib.vae_encode(vae_params, cfg, frames_B1HWC)
+  def _twice_opt(self, x):
+    return None if x is None else self._twice(x)
+
+  def _snap(self, coords, latent_hw):
+    """Snaps normalised coordinates to the centres of `snap_px` grid cells (off when snap_px = 0)."""
+    if not self.snap_px:
+      return coords
+    comp = model_config_lib.compression(self.config)
+    canvas = (latent_hw[0] * comp, latent_hw[1] * comp)
+    px = dit_lib.coords_to_positions(coords, canvas)
+    snapped = (jnp.floor(px / self.snap_px) + 0.5) * self.snap_px
+    return dit_lib.positions_to_coords(snapped, canvas)
+
+  def _encode_context(self, vae_params, frames_B1HWC, coords_B1S2, keys_B):
+    """The context frame (frame 0) -> its context latents, coords and times (clean unless context_noise > 0)."""
+    latents = vae_lib.vae_encode(vae_params, self.config, frames_B1HWC)
     _, _, noise_v, noise_c = self._noise(jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys_B),
                                          latents.shape[1:], coords_B1S2.shape[1:])
-    lat_ctx, coords_ctx, times = self._context(latents, coords_B1S2, noise_v, noise_c)
-    b = latents.shape[0]
-    empty = jnp.zeros((b, 0, self.slots), jnp.int32)
-    inputs = self._model_inputs(self._twice(lat_ctx), self._twice(times), self._branches(empty),
-                                self._twice(player_mask), self._twice(coords_ctx), self._twice(initial_coords))
-    out = dit_lib.apply(params, cfg, inputs, return_cache=True)
-    return lat_ctx, coords_ctx, out["cache"]
+    return self._context(latents, coords_B1S2, noise_v, noise_c)
+
+  def _window_cache(self, params, lat_ctx, coords_ctx, times, actions_between, player_mask, initial_coords):
+    """A fresh cache from one causal pass over context frames [B, F0, ...], the first of which gets START, exactly as
+    a training clip starts (actions_between [B, F0 - 1, S] produce frames 1..F0-1)."""
+    previous = dit_lib.previous_latents(lat_ctx) if self.previous_frame_input else None
+    inputs = self._model_inputs(self._twice(lat_ctx), self._twice(times), self._branches(actions_between),
+                                self._twice(player_mask), self._twice(coords_ctx), self._twice(initial_coords),
+                                self._twice_opt(previous))
+    return dit_lib.apply(params, self.config, inputs, return_cache=True)["cache"]
 
   def _context(self, latents, coords, noise_v, noise_c):
     """Clean (or lightly noised) versions of generated frames, as the cache and later frames see them."""
@@ -243,30 +272,36 @@ class Sampler:
       coords = flow_lib.add_noise(coords, noise_c, flow_lib.coord_time(times, self.config.flow.coord_time_lead))
     return latents, coords, times
 
-  def _chunk_cached(self, params, vae_params, cache, actions_BFP, player_mask, initial_coords, keys_B, latent_hwc):
-    """Denoises one chunk against the cache, appends it to the cache and decodes it.
-    Returns (frames [B, F, H, W, 3] in [-1, 1], coords [B, F, S, 2], new cache)."""
+  def _chunk_cached(self, params, vae_params, cache, actions_BFP, player_mask, initial_coords, keys_B, previous,
+                    latent_hwc, append):
+    """Denoises one chunk against the cache and decodes it; with `append`, also passes the chunk once more to append
+    it to the cache. previous: [B, 1, h, w, c] latents of the frame before the chunk (previous_frame_input) or None.
+    Returns (frames [B, F, H, W, 3] in [-1, 1], coords [B, F, S, 2], new cache or None, the chunk's context latents,
+    coords and times)."""
     cfg = self.config
     b, f = actions_BFP.shape[:2]
     noise_v, noise_c, ctx_v, ctx_c = self._noise(keys_B, (f,) + latent_hwc, (f, self.slots, 2))
     mask2, init2 = self._twice(player_mask), self._twice(initial_coords)
-    actions2 = self._branches(actions_BFP)
+    actions2, prev2 = self._branches(actions_BFP), self._twice_opt(previous)
 
     def velocity(x, y, t):
       times = jnp.full((b, f), t, jnp.float32)
       out = dit_lib.apply(params, cfg, self._model_inputs(self._twice(x), self._twice(times), actions2, mask2,
-                                                          self._twice(y), init2), cache=cache)
+                                                          self._twice(y), init2, prev2), cache=cache)
       vy = out["coords"] if self.subject_tokens else jnp.zeros_like(y)
       return self._combine(out["video"]), self._combine(vy)
 
     x0, y0 = self._integrate(velocity, noise_v, noise_c * player_mask[:, None, :, None])
-    y0 = jnp.clip(y0, -1.0, 1.0) * player_mask[:, None, :, None]
+    y0 = self._snap(jnp.clip(y0, -1.0, 1.0), latent_hwc[:2]) * player_mask[:, None, :, None]
     lat_ctx, coords_ctx, times = self._context(x0, y0, ctx_v, ctx_c)
-    out = dit_lib.apply(params, cfg, self._model_inputs(self._twice(lat_ctx), self._twice(times), actions2, mask2,
-                                                        self._twice(coords_ctx), init2),
-                        cache=cache, return_cache=True)
+    new_cache = None
+    if append:
+      out = dit_lib.apply(params, cfg, self._model_inputs(self._twice(lat_ctx), self._twice(times), actions2, mask2,
+                                                          self._twice(coords_ctx), init2, prev2),
+                          cache=cache, return_cache=True)
+      new_cache = out["cache"]
     frames = vae_lib.vae_decode(vae_params, cfg, x0)
-    return frames, y0, out["cache"]
+    return frames, y0, new_cache, lat_ctx, coords_ctx, times
 
   def _chunk_full(self, params, vae_params, hist_latents, hist_coords, hist_times, hist_actions, actions_BFP,
                   player_mask, initial_coords, keys_B):
@@ -282,14 +317,16 @@ class Sampler:
 
     def velocity(x, y, t):
       times = jnp.concatenate([hist_times, jnp.full((b, f), t, jnp.float32)], axis=1)
-      inputs = self._model_inputs(self._twice(jnp.concatenate([hist_latents, x], 1)), self._twice(times),
-                                  all_actions, mask2, self._twice(jnp.concatenate([hist_coords, y], 1)), init2)
+      latents = jnp.concatenate([hist_latents, x], 1)
+      previous = dit_lib.previous_latents(latents) if self.previous_frame_input else None
+      inputs = self._model_inputs(self._twice(latents), self._twice(times), all_actions, mask2,
+                                  self._twice(jnp.concatenate([hist_coords, y], 1)), init2, self._twice_opt(previous))
       out = dit_lib.apply(params, cfg, inputs)
       vy = out["coords"][:, -f:] if self.subject_tokens else jnp.zeros_like(y)
       return self._combine(out["video"][:, -f:]), self._combine(vy)
 
     x0, y0 = self._integrate(velocity, noise_v, noise_c * player_mask[:, None, :, None])
-    y0 = jnp.clip(y0, -1.0, 1.0) * player_mask[:, None, :, None]
+    y0 = self._snap(jnp.clip(y0, -1.0, 1.0), latent_hwc[:2]) * player_mask[:, None, :, None]
     lat_ctx, coords_ctx, times = self._context(x0, y0, ctx_v, ctx_c)
     return vae_lib.vae_decode(vae_params, cfg, x0), y0, lat_ctx, coords_ctx, times
 
@@ -389,12 +426,16 @@ class Sampler:
     mask_d, init_d = put(mask_S), put(coords0)
     params, vae_params = self.params, self.vae_params
 
-    # Context frame.
-    lat_ctx, coords_ctx, cache = self._call("context", self._encode_context, params, vae_params,
-                                            put(frames[:, None]), put(coords0[:, None]), mask_d, init_d, keys)
-    hist = dict(latents=lat_ctx, coords=coords_ctx, times=jnp.full((bp, 1), self.context_noise, jnp.float32),
-                actions=jnp.zeros((bp, 0, self.slots), jnp.int32))
+    # Context frame. `hist` holds the context versions of the last `window` frames (latents, coords, times) and the
+    # actions between them (entry k produces frame k + 1 of the history).
+    lat_ctx, coords_ctx, times_ctx = self._call("context", self._encode_context, vae_params, put(frames[:, None]),
+                                                put(coords0[:, None]), keys)
+    hist = dict(latents=lat_ctx, coords=coords_ctx, times=times_ctx, actions=jnp.zeros((bp, 0, self.slots), jnp.int32))
     latent_hwc = tuple(lat_ctx.shape[2:])
+    cache = None
+    if self.use_cache and not self.reencode:
+      cache = self._call("window", self._window_cache, params, lat_ctx, coords_ctx, times_ctx, hist["actions"],
+                         mask_d, init_d)
 
     out_frames, out_coords = [], []
     chunk_times, compiled_shapes, steady = [], set(), []
@@ -406,29 +447,39 @@ class Sampler:
       chunk_actions = put(actions_S[:, done:done + f])
       chunk_keys = jax.vmap(lambda k: jax.random.fold_in(k, chunk_index + 1))(keys)
       t0 = time.perf_counter()
-      if self.use_cache:
-        keep = self.window - f
-        cached = cache["entries"].shape[1]
-        if cached > keep:
+      keep = self.window - f
+      total = hist["latents"].shape[1]
+      start = max(0, total - keep)
+      cached = total - start
+      shape_key = (cached, f)
+      previous = hist["latents"][:, -1:] if self.previous_frame_input else None
+      if self.use_cache and self.reencode:
+        # Re-encode the kept context frames as a fresh clip start (first frame with START, attending only to the
+        # window), exactly the layout of training; trimming an appended cache instead keeps keys computed while
+        # those frames saw older frames, and the action into the first kept frame.
+        cache = self._call("window", self._window_cache, params, hist["latents"][:, start:], hist["coords"][:, start:],
+                           hist["times"][:, start:], hist["actions"][:, start:], mask_d, init_d)
+        gen, coords, _, lat_c, coords_c, times_c = self._call(
+            "chunk_cached", self._chunk_cached, params, vae_params, cache, chunk_actions, mask_d, init_d, chunk_keys,
+            previous, latent_hwc, False, static_argnums=(8, 9))
+      elif self.use_cache:
+        if cache["entries"].shape[1] > keep:
           cache = dit_lib.trim_cache(cache, keep)
-          cached = keep
+        cached = cache["entries"].shape[1]
         shape_key = (cached, f)
-        gen, coords, cache = self._call("chunk_cached", self._chunk_cached, params, vae_params, cache, chunk_actions,
-                                        mask_d, init_d, chunk_keys, latent_hwc, static_argnums=(7,))
+        gen, coords, cache, lat_c, coords_c, times_c = self._call(
+            "chunk_append", self._chunk_cached, params, vae_params, cache, chunk_actions, mask_d, init_d, chunk_keys,
+            previous, latent_hwc, True, static_argnums=(8, 9))
       else:
-        keep = self.window - f
-        total = hist["latents"].shape[1]
-        start = max(0, total - keep)
-        cached = total - start
-        shape_key = (cached, f)
         gen, coords, lat_c, coords_c, times_c = self._call(
             "chunk_full", self._chunk_full, params, vae_params, hist["latents"][:, start:], hist["coords"][:, start:],
             hist["times"][:, start:], hist["actions"][:, start:], chunk_actions, mask_d, init_d, chunk_keys)
-        hist = dict(latents=jnp.concatenate([hist["latents"], lat_c], 1),
-                    coords=jnp.concatenate([hist["coords"], coords_c], 1),
-                    times=jnp.concatenate([hist["times"], times_c], 1),
-                    # The action entry of frame k is the action into it; the history's first frame has none.
-                    actions=jnp.concatenate([hist["actions"], chunk_actions], 1))
+      # The action entry of history frame k is the action into it; the history's first frame has none. Only the
+      # last `window` frames are kept, so memory stays flat over long rollouts.
+      hist = dict(latents=jnp.concatenate([hist["latents"], lat_c], 1)[:, -self.window:],
+                  coords=jnp.concatenate([hist["coords"], coords_c], 1)[:, -self.window:],
+                  times=jnp.concatenate([hist["times"], times_c], 1)[:, -self.window:],
+                  actions=jnp.concatenate([hist["actions"], chunk_actions], 1)[:, -(self.window - 1):])
       max_frames_in_view = max(max_frames_in_view, cached + f)
       gen, coords = jax.device_get((gen, coords))
       elapsed = time.perf_counter() - t0

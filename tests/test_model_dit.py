@@ -36,6 +36,8 @@ def make_inputs(cfg, seed=0, player_mask=((True, True, True, False), (True, Fals
       "player_mask": jnp.asarray(player_mask),
   }
   coords = jnp.asarray(rng.uniform(-1, 1, size=(B, F, P, 2)), jnp.float32)
+  if cfg.dit.previous_frame_input:
+    inputs["previous_latents"] = dit.previous_latents(inputs["latents"] * 0.5)
   if cfg.dit.subject_tokens:
     inputs["coords"] = coords
   else:
@@ -62,6 +64,7 @@ SWITCHES = [
     {"frame_wise": True},
     {"subject_rope": False},
     {"slot_embedding": True},
+    {"previous_frame_input": True},
     {"scan_layers": False, "remat_policy": "full"},
 ]
 
@@ -188,7 +191,8 @@ def test_slot_permutation_equivariance(subject_tokens):
     assert float(jnp.max(jnp.abs(b["coords"] - a["coords"][:, :, perm]))) > 1e-4
 
 
-@pytest.mark.parametrize("overrides", [{}, {"subject_tokens": False}, {"frame_wise": True}])
+@pytest.mark.parametrize("overrides", [{}, {"subject_tokens": False}, {"frame_wise": True},
+                                       {"previous_frame_input": True}])
 def test_causality_future_frames_change_nothing_earlier(overrides):
   cfg = small_config(**overrides)
   params = dit.init(jax.random.key(5), cfg)
@@ -198,6 +202,8 @@ def test_causality_future_frames_change_nothing_earlier(overrides):
                  actions=inputs["actions"].at[:, cut - 1:].set((inputs["actions"][:, cut - 1:] + 1) % 8))
   if "coords" in inputs:
     changed["coords"] = inputs["coords"].at[:, cut:].add(0.3)
+  if "previous_latents" in inputs:
+    changed["previous_latents"] = inputs["previous_latents"].at[:, cut:].add(1.0)
   a, b = run(cfg, params, inputs), run(cfg, params, changed)
   for key in a:
     np.testing.assert_allclose(b[key][:, :cut], a[key][:, :cut], atol=1e-5)
@@ -294,7 +300,8 @@ def test_action_dropout_replaces_whole_clips_with_null_actions():
   np.testing.assert_array_equal(dit.training_inputs(cfg, batch, jax.random.key(0))[0]["actions"], batch["actions"])
 
 
-@pytest.mark.parametrize("overrides", [{}, {"subject_tokens": False, "scan_layers": False}])
+@pytest.mark.parametrize("overrides", [{}, {"subject_tokens": False, "scan_layers": False},
+                                       {"previous_frame_input": True}])
 def test_kv_cache_matches_one_pass(overrides):
   """Frames 0-1 with return_cache, then frame 2 from the cache, give exactly the one-pass outputs; so does a
   cache grown one frame at a time."""
@@ -306,7 +313,7 @@ def test_kv_cache_matches_one_pass(overrides):
   first = jax.jit(lambda p, x: dit.apply(p, cfg, x, return_cache=True))
 
   def frames(lo, hi):
-    part = {k: v[:, lo:hi] for k, v in inputs.items() if k in ("latents", "times", "coords")}
+    part = {k: v[:, lo:hi] for k, v in inputs.items() if k in ("latents", "times", "coords", "previous_latents")}
     part.update({k: inputs[k] for k in ("player_mask", "initial_coords") if k in inputs})
     return part
 
@@ -361,3 +368,25 @@ def test_coordinate_lead_gives_clean_coordinates_and_no_coordinate_loss_below_it
   clean = dit.positions_to_coords(batch["positions"], (32, 32)) * batch["player_mask"][:, None, :, None]
   np.testing.assert_allclose(inputs["coords"][0], clean[0], atol=1e-6)  # video at t <= 0.5: coordinates clean
   assert float(jnp.abs(inputs["coords"][1, 1:] - clean[1, 1:]).max()) > 0.1  # t = 0.9: noisy (g = 0.8)
+
+
+def test_previous_frame_input_reads_the_previous_frame_as_a_context_version():
+  """Training gives each frame the frame before it (frame 0: zeros); the first target frame's is exactly the context
+  frame's noisy input, and the previous latents change the output (the embedding is wired in)."""
+  cfg = small_config(previous_frame_input=True)
+  batch = _batch(cfg)
+  times = jnp.asarray([[0.05, 0.7, 0.7], [0.0, 0.3, 0.3]], jnp.float32)
+  inputs, _, _ = dit.training_inputs(cfg, batch, jax.random.key(0), times)
+  prev = inputs["previous_latents"]
+  np.testing.assert_array_equal(prev[:, 0], 0.0)
+  np.testing.assert_allclose(prev[:, 1], inputs["latents"][:, 0], atol=1e-6)
+  # Frame 2's previous frame is frame 1 at a context noise level (<= flow.context_noise_max), not at its t = 0.7.
+  err = np.abs(np.asarray(prev[0, 2] - batch["latents"][0, 1]))
+  noise_err = np.abs(np.asarray(inputs["latents"][0, 1] - batch["latents"][0, 1]))
+  assert err.mean() < 0.5 * noise_err.mean()
+  params = dit.init(jax.random.key(3), cfg)
+  a = run(cfg, params, inputs)
+  b = run(cfg, params, dict(inputs, previous_latents=prev + 1.0))
+  assert float(jnp.max(jnp.abs(a["video"][:, 1:] - b["video"][:, 1:]))) > 1e-4
+  with pytest.raises(ValueError, match="lacks 'previous_latents'"):
+    dit.apply(params, cfg, {k: v for k, v in inputs.items() if k != "previous_latents"})

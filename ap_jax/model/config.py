@@ -64,6 +64,10 @@ def _dit(width: int, depth: int, heads: int, mlp: int, patch_size: int):
       frame_wise=False,  # True: ... and only the action of its own time step
       subject_rope=True,  # subject token's rotary (y, x) = its current noisy coordinates
       slot_embedding=False,  # learned per-slot embedding (breaks permutation equivariance; see dit.py)
+      # Each frame's video tokens also embed the previous frame's latents (as Wan2.1 image-to-video concatenates
+      # its conditioning frame), so copying the unchanged scene is free and learning goes to what changes. Our
+      # deviation from the paper, measured as an ablation (docs/research_log.md). Needs chunk-1 sampling.
+      previous_frame_input=False,
       # ---- implementation
       attention_impl="xla",  # xla (dense mask, any device) | cudnn (jax.nn.dot_product_attention) | splash (TPU)
       scan_layers=True,

@@ -113,6 +113,7 @@ def param_specs(config: ml_collections.ConfigDict) -> dict:
   }
   specs = {
       "patch_embed": layers.dense_spec(patch_dim, width, "patch", "embed"),
+      **({"previous_embed": layers.dense_spec(patch_dim, width, "patch", "embed")} if d.previous_frame_input else {}),
       "time_embed": {"fc1": layers.dense_spec(d.freq_dim, width, None, "embed"),
                      "fc2": layers.dense_spec(width, width, "embed", None)},
       "time_proj": layers.dense_spec(width, 6 * width, "embed", "mlp"),
@@ -265,6 +266,8 @@ def _check_inputs(config, inputs, cache) -> None:
     expect["coords"] = (b, f, config.max_players, 2)
   else:
     expect["initial_coords"] = (b, config.max_players, 2)
+  if config.dit.previous_frame_input:
+    expect["previous_latents"] = (b, f, h, w, c)
   for key, shape in expect.items():
     if key not in inputs:
       raise ValueError(f"inputs lacks {key!r}; expected an array of shape {list(shape)}")
@@ -291,6 +294,8 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
     player_mask     [B, P] bool      real players
     coords          [B, F, P, 2]     noisy normalised coordinates (subject_tokens=True)
     initial_coords  [B, P, 2]        clean normalised context-frame coordinates (subject_tokens=False baseline)
+    previous_latents [B, F, h, w, c] the (context version of the) frame before each frame, zeros before the
+                                     window's first frame (dit.previous_frame_input=True; `previous_latents`)
   cache: from an earlier call with return_cache=True: these F frames follow the cached ones. Because attention
     is causal per frame, apply(frames 0..k) then apply(frames k+1.., cache) gives exactly the outputs of one
     apply over all frames. Keys are cached after RoPE at absolute frame indices, so `trim_cache` (a sliding
@@ -316,8 +321,10 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
   frame_pos = first + jnp.arange(f, dtype=jnp.float32)  # [F]
 
   # Video tokens: patchify [B, F, h, w, c] -> [B, F, N, ps ps c] -> [B, F, N, C].
-  patches = latents.reshape(b, f, gy, ps, gx, ps, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, f, n, ps * ps * c)
-  video = layers.dense(params["patch_embed"], patches, dtype)
+  patchify = lambda x: x.reshape(b, f, gy, ps, gx, ps, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, f, n, -1)
+  video = layers.dense(params["patch_embed"], patchify(latents), dtype)
+  if d.previous_frame_input:
+    video = video + layers.dense(params["previous_embed"], patchify(inputs["previous_latents"]), dtype)
   grid_y, grid_x = np.meshgrid(np.arange(gy), np.arange(gx), indexing="ij")
   yx = jnp.asarray(np.stack([grid_y, grid_x], -1).reshape(n, 2), jnp.float32)
   video_pos = jnp.concatenate([jnp.broadcast_to(frame_pos[:, None, None], (f, n, 1)),
@@ -468,6 +475,12 @@ def training_inputs(config: ml_collections.ConfigDict, batch: dict[str, jax.Arra
       "actions": actions,
       "player_mask": player_mask,
   }
+  if config.dit.previous_frame_input:
+    # The frame before each frame as a sampler holds it: a context version, at a context noise level of its own
+    # (frame 0's is exactly the context frame's input, so the first target sees what is in the sequence).
+    ctx_times = jax.random.uniform(jax.random.fold_in(rng, 2), (b, f)) * config.flow.context_noise_max
+    ctx_times = ctx_times.at[:, 0].set(times[:, 0])
+    inputs["previous_latents"] = previous_latents(flow_lib.add_noise(latents, noise_v, ctx_times))
   if config.dit.subject_tokens:
     coord_times = flow_lib.coord_time(times, config.flow.coord_time_lead)
     inputs["coords"] = flow_lib.add_noise(coords0, noise_c, coord_times) * player_mask[:, None, :, None]
@@ -476,6 +489,11 @@ def training_inputs(config: ml_collections.ConfigDict, batch: dict[str, jax.Arra
   targets = {"video": flow_lib.velocity_target(latents, noise_v),
              "coords": flow_lib.velocity_target(coords0, noise_c)}
   return inputs, targets, times
+
+
+def previous_latents(latents_BFhwc: jax.Array) -> jax.Array:
+  """[B, F, h, w, c] -> the latents of each frame's previous frame: zeros, then frames 0..F-2."""
+  return jnp.concatenate([jnp.zeros_like(latents_BFhwc[:, :1]), latents_BFhwc[:, :-1]], axis=1)
 
 
 def predict(params: Params, config: ml_collections.ConfigDict, batch: dict[str, jax.Array], times: jax.Array,
