@@ -236,6 +236,12 @@ def _add_sampler_flags(p):
   p.add_argument("--context-noise", type=float, default=0.0, help="flow time of cached context frames (0 = clean)")
   p.add_argument("--guidance", type=float, default=1.0,
                  help="classifier-free guidance scale on actions (1 = off; needs flow.action_dropout > 0)")
+  p.add_argument("--no-reencode", dest="reencode", action="store_false",
+                 help="append each chunk to the KV cache and trim it, instead of re-encoding the kept frames as a "
+                      "fresh clip start (the default, exactly the training layout)")
+  p.add_argument("--snap-px", type=float, default=None,
+                 help="snap fed-back coordinates to the centres of cells of this many pixels (0 = off; default: "
+                      "the sampling.snap_px of the training config)")
   p.add_argument("--seed", type=int, default=0, help="sampling noise seed")
   p.add_argument("--mesh", type=_mesh_sizes, default=None,
                  help="sample on a device mesh, e.g. data=8 or data=2,tensor=4 (default: one device)")
@@ -259,7 +265,9 @@ def _load_for_sampling(args):
     mesh = mesh_lib.build_mesh(ml_collections.ConfigDict(sizes), devices=jax.devices()[:count])
   trained = trainer.load_trained(args.workdir, mesh)
   kwargs = dict(sampler=args.sampler, denoise_steps=args.denoise_steps, chunk=args.chunk, guidance=args.guidance,
-                context_noise=args.context_noise)
+                context_noise=args.context_noise, reencode=args.reencode)
+  if args.snap_px is not None:
+    kwargs["snap_px"] = args.snap_px
   if args.window is not None:
     kwargs["window"] = args.window
   if mesh is not None:

@@ -50,6 +50,15 @@ class Case:
   name: str
   seed: int
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  orientations: np.ndarray | None = None  # int [P] initial facing (0 N, 1 E, 2 S, 3 W), when known
+
+  def initial_orientations(self) -> np.ndarray:
+    """Each player's initial facing: the case's own, or the true game's first frame's."""
+    if self.orientations is not None:
+      return np.asarray(self.orientations, np.int32)
+    if self.truth is not None and "orientations" in self.truth:
+      return np.asarray(self.truth["orientations"][0], np.int32)
+    raise EvalError(f"{self.name}: no initial orientations, which a model with facing in its subject state needs")
 
   @property
   def num_players(self) -> int:
@@ -207,11 +216,14 @@ def run_cases(sampler: sample_lib.Sampler, cases: Sequence[Case], *, seed: int, 
       acts = np.full((len(idx), steps, p), A.NOOP, np.int32)
       pos = np.zeros((len(idx), p, 2), np.float32)
       mask = np.zeros((len(idx), p), bool)
+      facing = np.zeros((len(idx), p), np.int32)
       for row, i in enumerate(idx):
         n = cases[i].num_players
         acts[row, :, :n], pos[row, :n], mask[row, :n] = cases[i].actions, cases[i].positions, True
+        if sampler.state_dims > 2:
+          facing[row, :n] = cases[i].initial_orientations()
       out = sampler.rollout(np.stack([cases[i].frame for i in idx]), pos, acts, player_mask=mask, seed=seed,
-                            rollout_ids=[cases[i].seed for i in idx])
+                            rollout_ids=[cases[i].seed for i in idx], initial_orientations=facing)
       for row, i in enumerate(idx):
         frames_out[i] = out.frames[row]
         if out.positions is not None:
@@ -298,7 +310,8 @@ def hold_initial_frame_baseline(cases: Sequence[Case]) -> dict[str, Any]:
 
 def sampler_settings(sampler: sample_lib.Sampler, seed: int) -> dict[str, Any]:
   return dict(sampler=sampler.sampler, denoise_steps=sampler.denoise_steps, chunk=sampler.chunk,
-              window=sampler.window, guidance=sampler.guidance, context_noise=sampler.context_noise, seed=seed)
+              window=sampler.window, guidance=sampler.guidance, context_noise=sampler.context_noise,
+              use_cache=sampler.use_cache, reencode=sampler.reencode, snap_px=sampler.snap_px, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------- video

@@ -129,6 +129,8 @@ class Sampler:
     if snap_px < 0:
       raise SampleError(f"snap_px = {snap_px}, expected 0 (off) or the grid cell size in pixels")
     self.previous_frame_input = bool(model_config.dit.get("previous_frame_input", False))
+    self.context_tokens = bool(model_config.dit.get("context_tokens", True))
+    self.state_dims = dit_lib.state_dims(model_config)
     if self.previous_frame_input and chunk != 1:
       raise SampleError(f"chunk = {chunk}, but the model reads the previous frame's latents "
                         "(dit.previous_frame_input), which exist only for chunk = 1")
@@ -151,12 +153,14 @@ class Sampler:
   @classmethod
   def from_trained(cls, trained, **kwargs) -> "Sampler":
     """A sampler for `trainer.load_trained(...)`'s TrainedModel. Defaults follow its training layout: the window
-    is the training clip (clip_steps + 1 frames); the chunk is clip_steps frames when the model was trained with
+    is the training clip (clip_steps + 1 frames); snap_px is the config's `sampling.snap_px`; the chunk is clip_steps frames when the model was trained with
     one shared time over its target frames (then every chunk sees what training showed: one clean context frame
     and clip_steps frames at one noise level), and 1 frame when it was trained with independent frame times
     (diffusion forcing covers clean-past / noisy-present at any position)."""
     clip = int(trained.config.data.clip_steps)
     kwargs.setdefault("window", clip + 1)
+    if kwargs.get("snap_px") is None:
+      kwargs["snap_px"] = float(trained.config.get("sampling", {}).get("snap_px", 0.0))
     if kwargs.get("chunk") is None:
       flow = trained.model_config.flow
       one = flow.independent_frame_times or trained.model_config.dit.get("previous_frame_input", False)
@@ -225,9 +229,12 @@ class Sampler:
     return euler(k - 1, (x, y))
 
   def _model_inputs(self, latents, times, actions, player_mask, coords, initial_coords, previous=None):
+    """previous: (latents, coords) of each frame's previous frame (dit.previous_frame_input), else None."""
     inputs = {"latents": latents, "times": times, "actions": actions, "player_mask": player_mask}
     if self.previous_frame_input:
-      inputs["previous_latents"] = previous
+      inputs["previous_latents"] = previous[0]
+      if self.subject_tokens:
+        inputs["previous_coords"] = previous[1] * player_mask[:, None, :, None]
     if self.subject_tokens:
       inputs["coords"] = coords * player_mask[:, None, :, None]
     else:
@@ -235,7 +242,13 @@ class Sampler:
     return inputs
 
   def _twice_opt(self, x):
-    return None if x is None else self._twice(x)
+    return None if x is None else jax.tree.map(self._twice, x)
+
+  def _coord_source(self, centre_B1S2, noise_BFS2, player_mask):
+    """The chunk's starting coordinates: a draw from the source distribution (flow.coord_prior) around the last
+    context frame's coordinates."""
+    centre = jnp.broadcast_to(centre_B1S2, noise_BFS2.shape)
+    return flow_lib.coord_source(centre, noise_BFS2, self.config.flow) * player_mask[:, None, :, None]
 
   def _snap(self, coords, latent_hw):
     """Snaps normalised coordinates to the centres of `snap_px` grid cells (off when snap_px = 0)."""
@@ -243,9 +256,9 @@ class Sampler:
       return coords
     comp = model_config_lib.compression(self.config)
     canvas = (latent_hw[0] * comp, latent_hw[1] * comp)
-    px = dit_lib.coords_to_positions(coords, canvas)
+    px = dit_lib.coords_to_positions(coords[..., :2], canvas)
     snapped = (jnp.floor(px / self.snap_px) + 0.5) * self.snap_px
-    return dit_lib.positions_to_coords(snapped, canvas)
+    return jnp.concatenate([dit_lib.positions_to_coords(snapped, canvas), coords[..., 2:]], axis=-1)
 
   def _encode_context(self, vae_params, frames_B1HWC, coords_B1S2, keys_B):
     """The context frame (frame 0) -> its context latents, coords and times (clean unless context_noise > 0)."""
@@ -257,7 +270,9 @@ class Sampler:
   def _window_cache(self, params, lat_ctx, coords_ctx, times, actions_between, player_mask, initial_coords):
     """A fresh cache from one causal pass over context frames [B, F0, ...], the first of which gets START, exactly as
     a training clip starts (actions_between [B, F0 - 1, S] produce frames 1..F0-1)."""
-    previous = dit_lib.previous_latents(lat_ctx) if self.previous_frame_input else None
+    previous = None
+    if self.previous_frame_input:
+      previous = (dit_lib.previous_latents(lat_ctx), dit_lib.previous_latents(coords_ctx))
     inputs = self._model_inputs(self._twice(lat_ctx), self._twice(times), self._branches(actions_between),
                                 self._twice(player_mask), self._twice(coords_ctx), self._twice(initial_coords),
                                 self._twice_opt(previous))
@@ -269,20 +284,23 @@ class Sampler:
     times = jnp.full((b, f), self.context_noise, jnp.float32)
     if self.context_noise > 0:
       latents = flow_lib.add_noise(latents, noise_v, times)
-      coords = flow_lib.add_noise(coords, noise_c, flow_lib.coord_time(times, self.config.flow.coord_time_lead))
+      source = flow_lib.coord_source(coords, noise_c, self.config.flow)  # centred on themselves ("previous")
+      coords = flow_lib.add_noise(coords, source, flow_lib.coord_time(times, self.config.flow.coord_time_lead))
     return latents, coords, times
 
-  def _chunk_cached(self, params, vae_params, cache, actions_BFP, player_mask, initial_coords, keys_B, previous,
-                    latent_hwc, append):
+  def _chunk_cached(self, params, vae_params, cache, actions_BFP, player_mask, initial_coords, keys_B, last_latents,
+                    last_coords, latent_hwc, append):
     """Denoises one chunk against the cache and decodes it; with `append`, also passes the chunk once more to append
-    it to the cache. previous: [B, 1, h, w, c] latents of the frame before the chunk (previous_frame_input) or None.
+    it to the cache. last_latents [B, 1, h, w, c], last_coords [B, 1, S, 2]: the context frame before the chunk
+    (what previous_frame_input reads for a chunk of 1, and the centre of the coordinates' source distribution).
     Returns (frames [B, F, H, W, 3] in [-1, 1], coords [B, F, S, 2], new cache or None, the chunk's context latents,
     coords and times)."""
     cfg = self.config
     b, f = actions_BFP.shape[:2]
-    noise_v, noise_c, ctx_v, ctx_c = self._noise(keys_B, (f,) + latent_hwc, (f, self.slots, 2))
+    noise_v, noise_c, ctx_v, ctx_c = self._noise(keys_B, (f,) + latent_hwc, (f, self.slots, self.state_dims))
     mask2, init2 = self._twice(player_mask), self._twice(initial_coords)
-    actions2, prev2 = self._branches(actions_BFP), self._twice_opt(previous)
+    actions2 = self._branches(actions_BFP)
+    prev2 = self._twice_opt((last_latents, last_coords)) if self.previous_frame_input else None
 
     def velocity(x, y, t):
       times = jnp.full((b, f), t, jnp.float32)
@@ -291,7 +309,7 @@ class Sampler:
       vy = out["coords"] if self.subject_tokens else jnp.zeros_like(y)
       return self._combine(out["video"]), self._combine(vy)
 
-    x0, y0 = self._integrate(velocity, noise_v, noise_c * player_mask[:, None, :, None])
+    x0, y0 = self._integrate(velocity, noise_v, self._coord_source(last_coords, noise_c, player_mask))
     y0 = self._snap(jnp.clip(y0, -1.0, 1.0), latent_hwc[:2]) * player_mask[:, None, :, None]
     lat_ctx, coords_ctx, times = self._context(x0, y0, ctx_v, ctx_c)
     new_cache = None
@@ -303,6 +321,30 @@ class Sampler:
     frames = vae_lib.vae_decode(vae_params, cfg, x0)
     return frames, y0, new_cache, lat_ctx, coords_ctx, times
 
+  def _chunk_channels(self, params, vae_params, last_latents, last_coords, actions_BFP, player_mask, initial_coords,
+                      keys_B):
+    """One chunk of a model without context tokens (dit.context_tokens = False): the window holds only the frame
+    to generate, which reads the last generated frame through previous_frame_input (chunk is 1). Returns (frames,
+    coords, context latents, context coords, context times) of the chunk."""
+    cfg = self.config
+    b, f = actions_BFP.shape[:2]
+    latent_hwc = last_latents.shape[2:]
+    noise_v, noise_c, ctx_v, ctx_c = self._noise(keys_B, (f,) + latent_hwc, (f, self.slots, self.state_dims))
+    actions2, mask2, init2 = self._branches(actions_BFP), self._twice(player_mask), self._twice(initial_coords)
+    prev2 = self._twice_opt((last_latents, last_coords))
+
+    def velocity(x, y, t):
+      times = jnp.full((b, f), t, jnp.float32)
+      inputs = self._model_inputs(self._twice(x), self._twice(times), actions2, mask2, self._twice(y), init2, prev2)
+      out = dit_lib.apply(params, cfg, inputs)
+      vy = out["coords"] if self.subject_tokens else jnp.zeros_like(y)
+      return self._combine(out["video"]), self._combine(vy)
+
+    x0, y0 = self._integrate(velocity, noise_v, self._coord_source(last_coords, noise_c, player_mask))
+    y0 = self._snap(jnp.clip(y0, -1.0, 1.0), latent_hwc[:2]) * player_mask[:, None, :, None]
+    lat_ctx, coords_ctx, times = self._context(x0, y0, ctx_v, ctx_c)
+    return vae_lib.vae_decode(vae_params, cfg, x0), y0, lat_ctx, coords_ctx, times
+
   def _chunk_full(self, params, vae_params, hist_latents, hist_coords, hist_times, hist_actions, actions_BFP,
                   player_mask, initial_coords, keys_B):
     """The reference path without a cache: every denoiser call re-runs the causal model over the history frames
@@ -311,21 +353,23 @@ class Sampler:
     cfg = self.config
     b, f = actions_BFP.shape[:2]
     latent_hwc = hist_latents.shape[2:]
-    noise_v, noise_c, ctx_v, ctx_c = self._noise(keys_B, (f,) + latent_hwc, (f, self.slots, 2))
+    noise_v, noise_c, ctx_v, ctx_c = self._noise(keys_B, (f,) + latent_hwc, (f, self.slots, self.state_dims))
     all_actions = self._branches(jnp.concatenate([hist_actions, actions_BFP], axis=1))
     mask2, init2 = self._twice(player_mask), self._twice(initial_coords)
 
     def velocity(x, y, t):
       times = jnp.concatenate([hist_times, jnp.full((b, f), t, jnp.float32)], axis=1)
-      latents = jnp.concatenate([hist_latents, x], 1)
-      previous = dit_lib.previous_latents(latents) if self.previous_frame_input else None
-      inputs = self._model_inputs(self._twice(latents), self._twice(times), all_actions, mask2,
-                                  self._twice(jnp.concatenate([hist_coords, y], 1)), init2, self._twice_opt(previous))
+      latents, coords = jnp.concatenate([hist_latents, x], 1), jnp.concatenate([hist_coords, y], 1)
+      previous = None
+      if self.previous_frame_input:
+        previous = (dit_lib.previous_latents(latents), dit_lib.previous_latents(coords))
+      inputs = self._model_inputs(self._twice(latents), self._twice(times), all_actions, mask2, self._twice(coords),
+                                  init2, self._twice_opt(previous))
       out = dit_lib.apply(params, cfg, inputs)
       vy = out["coords"][:, -f:] if self.subject_tokens else jnp.zeros_like(y)
       return self._combine(out["video"][:, -f:]), self._combine(vy)
 
-    x0, y0 = self._integrate(velocity, noise_v, noise_c * player_mask[:, None, :, None])
+    x0, y0 = self._integrate(velocity, noise_v, self._coord_source(hist_coords[:, -1:], noise_c, player_mask))
     y0 = self._snap(jnp.clip(y0, -1.0, 1.0), latent_hwc[:2]) * player_mask[:, None, :, None]
     lat_ctx, coords_ctx, times = self._context(x0, y0, ctx_v, ctx_c)
     return vae_lib.vae_decode(vae_params, cfg, x0), y0, lat_ctx, coords_ctx, times
@@ -392,10 +436,12 @@ class Sampler:
     return frames, positions, actions, player_mask
 
   def rollout(self, initial_frames, initial_positions, actions, *, player_mask=None, seed: int = 0,
-              rollout_ids=None) -> Rollouts:
+              rollout_ids=None, initial_orientations=None) -> Rollouts:
     """Generates B rollouts of N steps.
 
     initial_frames [B, H, W, 3] uint8 (or float in [-1, 1]); initial_positions [B, P, 2] pixel centres (y, x);
+    initial_orientations int [B, P] (0 N, 1 E, 2 S, 3 W): each player's initial facing, needed by a model whose
+    subject state carries it (dit.state_facing) and ignored otherwise;
     actions int [B, N, P] (P <= model slots; padded to the slots with NOOP, as in training); player_mask bool
     [B, P] (default all True: every given player is real); rollout_ids int [B] name each rollout's noise stream
     (default 0..B-1).
@@ -411,14 +457,26 @@ class Sampler:
     shards = self._batch_shards()
     bp = -(-b // shards) * shards
     take = np.concatenate([np.arange(b), np.zeros(bp - b, np.int64)]).astype(np.int64)
-    frames, positions, actions, player_mask, ids = (x[take] for x in (frames, positions, actions, player_mask, ids))
+    if self.state_dims > 2:
+      if initial_orientations is None:
+        raise SampleError("the model's subject state carries each player's facing (dit.state_facing): pass "
+                          f"initial_orientations [B={b}, P={p}] (0 N, 1 E, 2 S, 3 W)")
+      orientations = np.asarray(initial_orientations)
+      if orientations.shape != (b, p) or not np.isin(orientations, np.arange(A.NUM_ORIENTATIONS)).all():
+        raise SampleError(f"initial_orientations has shape {orientations.shape} and values "
+                          f"{sorted(set(np.unique(orientations).tolist()))[:8]}, expected [B={b}, P={p}] in 0..3")
+    else:
+      orientations = np.zeros((b, p), np.int32)
+    frames, positions, actions, player_mask, ids, orientations = (
+        x[take] for x in (frames, positions, actions, player_mask, ids, orientations))
     # Player slots: padded with NOOP actions, zero positions and a False mask.
     pad = self.slots - p
     actions_S = np.pad(actions, [(0, 0), (0, 0), (0, pad)], constant_values=A.NOOP)
     mask_S = np.pad(player_mask, [(0, 0), (0, pad)])
     positions_S = np.pad(positions, [(0, 0), (0, pad), (0, 0)])
     canvas = frames.shape[1:3]
-    coords0 = np.asarray(dit_lib.positions_to_coords(positions_S, canvas)) * mask_S[..., None]
+    orientations_S = np.pad(orientations, [(0, 0), (0, pad)])
+    coords0 = np.asarray(dit_lib.subject_state(positions_S, orientations_S, canvas, self.config)) * mask_S[..., None]
 
     base = jax.random.key(int(seed))
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(ids % (1 << 31), jnp.int32))
@@ -433,7 +491,7 @@ class Sampler:
     hist = dict(latents=lat_ctx, coords=coords_ctx, times=times_ctx, actions=jnp.zeros((bp, 0, self.slots), jnp.int32))
     latent_hwc = tuple(lat_ctx.shape[2:])
     cache = None
-    if self.use_cache and not self.reencode:
+    if self.use_cache and not self.reencode and self.context_tokens:
       cache = self._call("window", self._window_cache, params, lat_ctx, coords_ctx, times_ctx, hist["actions"],
                          mask_d, init_d)
 
@@ -452,8 +510,13 @@ class Sampler:
       start = max(0, total - keep)
       cached = total - start
       shape_key = (cached, f)
-      previous = hist["latents"][:, -1:] if self.previous_frame_input else None
-      if self.use_cache and self.reencode:
+      last_latents, last_coords = hist["latents"][:, -1:], hist["coords"][:, -1:]
+      if not self.context_tokens:
+        cached, shape_key = 0, (0, f)
+        gen, coords, lat_c, coords_c, times_c = self._call(
+            "chunk_channels", self._chunk_channels, params, vae_params, last_latents, last_coords, chunk_actions,
+            mask_d, init_d, chunk_keys)
+      elif self.use_cache and self.reencode:
         # Re-encode the kept context frames as a fresh clip start (first frame with START, attending only to the
         # window), exactly the layout of training; trimming an appended cache instead keeps keys computed while
         # those frames saw older frames, and the action into the first kept frame.
@@ -461,7 +524,7 @@ class Sampler:
                            hist["times"][:, start:], hist["actions"][:, start:], mask_d, init_d)
         gen, coords, _, lat_c, coords_c, times_c = self._call(
             "chunk_cached", self._chunk_cached, params, vae_params, cache, chunk_actions, mask_d, init_d, chunk_keys,
-            previous, latent_hwc, False, static_argnums=(8, 9))
+            last_latents, last_coords, latent_hwc, False, static_argnums=(9, 10))
       elif self.use_cache:
         if cache["entries"].shape[1] > keep:
           cache = dit_lib.trim_cache(cache, keep)
@@ -469,7 +532,7 @@ class Sampler:
         shape_key = (cached, f)
         gen, coords, cache, lat_c, coords_c, times_c = self._call(
             "chunk_append", self._chunk_cached, params, vae_params, cache, chunk_actions, mask_d, init_d, chunk_keys,
-            previous, latent_hwc, True, static_argnums=(8, 9))
+            last_latents, last_coords, latent_hwc, True, static_argnums=(9, 10))
       else:
         gen, coords, lat_c, coords_c, times_c = self._call(
             "chunk_full", self._chunk_full, params, vae_params, hist["latents"][:, start:], hist["coords"][:, start:],
@@ -496,7 +559,8 @@ class Sampler:
     all_frames = np.concatenate([to_uint8(frames[:b, None]), gen_frames], axis=1)
     pred_positions = None
     if self.subject_tokens:
-      pred = np.asarray(dit_lib.coords_to_positions(np.concatenate(out_coords, axis=1), canvas))[:b, :, :p]
+      states = np.concatenate(out_coords, axis=1)[..., :2]  # the position part of the subject state
+      pred = np.asarray(dit_lib.coords_to_positions(states, canvas))[:b, :, :p]
       pred_positions = np.concatenate([positions[:b, None], pred], axis=1).astype(np.float32)
     total_s = time.perf_counter() - start_time
     steady_s = sum(s for s, _ in steady)
@@ -510,11 +574,14 @@ class Sampler:
     return Rollouts(frames=all_frames, positions=pred_positions, timing=timing)
 
 
-def sample(trained, initial_frame, initial_positions, actions, *, seed: int = 0, **sampler_kwargs):
+def sample(trained, initial_frame, initial_positions, actions, *, seed: int = 0, initial_orientations=None,
+           **sampler_kwargs):
   """One rollout from a TrainedModel. initial_frame [H, W, 3] uint8; initial_positions [P, 2] pixels (y, x);
   actions int [N, P]. Returns (frames uint8 [N+1, H, W, 3] with frame 0 the given initial frame, predicted
   positions float32 [N+1, P, 2] or None for the global baseline, timing dict)."""
   sampler = Sampler.from_trained(trained, **sampler_kwargs)
   out = sampler.rollout(np.asarray(initial_frame)[None], np.asarray(initial_positions)[None],
-                        np.asarray(actions)[None], seed=seed)
+                        np.asarray(actions)[None], seed=seed,
+                        initial_orientations=None if initial_orientations is None else
+                        np.asarray(initial_orientations)[None])
   return out.frames[0], (None if out.positions is None else out.positions[0]), out.timing

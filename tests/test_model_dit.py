@@ -32,7 +32,8 @@ def make_inputs(cfg, seed=0, player_mask=((True, True, True, False), (True, Fals
   inputs = {
       "latents": jnp.asarray(rng.normal(size=(B, F, LATENT_HW, LATENT_HW, cfg.vae.latent_channels)), jnp.float32),
       "times": jnp.asarray(rng.uniform(size=(B, F)), jnp.float32),
-      "actions": jnp.asarray(rng.integers(0, 8, size=(B, F - 1, P)), jnp.int32),
+      # Entry per frame without context tokens (each frame's producing action), else START + F - 1 actions.
+      "actions": jnp.asarray(rng.integers(0, 8, size=(B, F - int(cfg.dit.context_tokens), P)), jnp.int32),
       "player_mask": jnp.asarray(player_mask),
   }
   coords = jnp.asarray(rng.uniform(-1, 1, size=(B, F, P, 2)), jnp.float32)
@@ -65,6 +66,7 @@ SWITCHES = [
     {"subject_rope": False},
     {"slot_embedding": True},
     {"previous_frame_input": True},
+    {"previous_frame_input": True, "context_tokens": False},
     {"scan_layers": False, "remat_policy": "full"},
 ]
 
@@ -390,3 +392,46 @@ def test_previous_frame_input_reads_the_previous_frame_as_a_context_version():
   assert float(jnp.max(jnp.abs(a["video"][:, 1:] - b["video"][:, 1:]))) > 1e-4
   with pytest.raises(ValueError, match="lacks 'previous_latents'"):
     dit.apply(params, cfg, {k: v for k, v in inputs.items() if k != "previous_latents"})
+
+
+def test_without_context_tokens_the_context_frame_leaves_the_sequence():
+  """dit.context_tokens=False: training keeps only the target frames (the context frame is their previous frame,
+  as channels), every frame reads the action that produces it, and the switch needs previous_frame_input."""
+  cfg = small_config(previous_frame_input=True, context_tokens=False)
+  batch = _batch(cfg)
+  with_tokens = small_config(previous_frame_input=True)
+  full, _, _ = dit.training_inputs(with_tokens, batch, jax.random.key(0))
+  inputs, targets, times = dit.training_inputs(cfg, batch, jax.random.key(0))
+  assert inputs["latents"].shape[1] == F - 1 and times.shape == (B, F - 1)
+  assert inputs["actions"].shape == (B, F - 1, P) and targets["video"].shape[1] == F - 1
+  for key in ("latents", "coords", "previous_latents", "previous_coords"):
+    np.testing.assert_allclose(inputs[key], full[key][:, 1:], atol=1e-6)
+  params = dit.init(jax.random.key(0), cfg)
+  loss, metrics = dit.loss_fn(params, cfg, batch, jax.random.key(1))
+  assert np.isfinite(float(loss)) and set(metrics) == {"loss", "video_loss", "coord_loss"}
+  # The first frame's action changes its output: it is that frame's entry, not START's.
+  out = run(cfg, params, inputs)
+  other = run(cfg, params, dict(inputs, actions=(inputs["actions"] + 1) % 8))
+  assert float(jnp.max(jnp.abs(out["coords"][:, 0] - other["coords"][:, 0]))) > 1e-5
+  with pytest.raises(ValueError, match="context_tokens = False needs dit.previous_frame_input"):
+    dit.init(jax.random.key(0), small_config(context_tokens=False))
+
+
+def test_previous_coordinate_prior_centres_the_noise_on_the_last_context_frame():
+  cfg = small_config()
+  cfg.flow.coord_prior = "previous"
+  cfg.flow.coord_noise_std = 0.25
+  batch = _batch(cfg)
+  times = jnp.ones((B, F), jnp.float32).at[:, 0].set(0.0)  # targets at pure noise, context clean
+  inputs, targets, _ = dit.training_inputs(cfg, batch, jax.random.key(0), times)
+  canvas = LATENT_HW * config_lib.compression(cfg)
+  coords0 = dit.positions_to_coords(batch["positions"], (canvas, canvas))
+  mask = np.asarray(batch["player_mask"])[:, None, :, None]
+  spread = (np.asarray(inputs["coords"][:, 1:]) - np.asarray(coords0[:, :1])) * mask
+  assert 0.1 < np.abs(spread).max() and np.sqrt((spread ** 2).sum() / (mask.sum() * (F - 1) * 2)) < 0.4
+  # The velocity target is source - x0, so x_t - t v = x0 at t = 1.
+  np.testing.assert_allclose((inputs["coords"][:, 1:] - targets["coords"][:, 1:]) * mask,
+                             np.asarray(coords0[:, 1:]) * mask, atol=1e-5)
+  cfg.flow.coord_prior = "sideways"
+  with pytest.raises(ValueError, match="flow.coord_prior = 'sideways'"):
+    dit.training_inputs(cfg, batch, jax.random.key(0), times)

@@ -121,6 +121,31 @@ def test_kv_cache_equals_rerunning_the_causal_model_over_all_frames(trained, epi
   assert cached.timing["max_frames_in_view"] == full.timing["max_frames_in_view"] == 3
 
 
+def test_reencoded_cache_equals_rerunning_the_window_after_it_slides(trained, episodes):
+  # With `reencode` (the default) the cached path rebuilds its cache from the kept frames as a fresh clip start,
+  # which is exactly what the no-cache path computes, also after the window has slid; appending to the cache and
+  # trimming it instead (reencode=False) keeps keys computed while older frames were in view, and differs.
+  frames, positions, actions = _inputs(episodes[0], 3 * WINDOW)
+  kwargs = dict(denoise_steps=2, window=WINDOW, chunk=1)
+  cached = sample_lib.Sampler.from_trained(trained, **kwargs).rollout(frames, positions, actions, seed=1)
+  full = sample_lib.Sampler.from_trained(trained, use_cache=False, **kwargs).rollout(frames, positions, actions,
+                                                                                     seed=1)
+  appended = sample_lib.Sampler.from_trained(trained, reencode=False, **kwargs).rollout(frames, positions, actions,
+                                                                                        seed=1)
+  assert np.abs(cached.frames.astype(int) - full.frames).max() <= 1
+  np.testing.assert_allclose(cached.positions, full.positions, atol=1e-2)
+  late = slice(WINDOW + 1, None)  # frames generated after the window first slid
+  assert np.abs(appended.frames[:, late].astype(int) - full.frames[:, late]).max() > 1
+
+
+def test_snapped_coordinates_sit_on_cell_centres(trained, episodes):
+  frames, positions, actions = _inputs(episodes[0], 3)
+  out = sample_lib.Sampler.from_trained(trained, denoise_steps=2, snap_px=8).rollout(frames, positions, actions)
+  np.testing.assert_allclose((out.positions[:, 1:] - 4.0) % 8.0, 0.0, atol=1e-4)
+  with pytest.raises(sample_lib.SampleError, match="snap_px = -1"):
+    sample_lib.Sampler.from_trained(trained, snap_px=-1)
+
+
 def test_sliding_window_continues_past_the_training_clip(sampler, episodes):
   frames, positions, actions = _inputs(episodes[0], 2 * WINDOW)
   assert actions.shape[1] == 2 * WINDOW

@@ -116,6 +116,27 @@ def test_sharded_autoencoder_step_matches_single_device():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6), params, ref_params)
 
 
+def test_cached_latents_match_encoding_each_batch():
+  # data.cache_latents: the episodes are encoded once before training; a clip's latents are the ones the step
+  # would have computed from its frames, and the loss on them is the same.
+  config = make_config("runlocal", SMALL_DIT)
+  cached = make_config("runlocal", SMALL_DIT + ["--config.data.cache_latents=true"])
+  vae_params = vae_lib.vae_init(jax.random.PRNGKey(1), config.model)
+  meta = dict(latent_shift=0.1, latent_scale=2.0)
+  stage, cached_stage = (trainer.build_stage(c, frozen=vae_params, meta=meta) for c in (config, cached))
+  assert "latents" in cached_stage.batch_keys and "frames" not in cached_stage.batch_keys
+  latents = trainer.encode_source(trainer.open_source(config), vae_params, stage.model_config, batch_frames=40,
+                                  progress=False)
+  batch = next(trainer.build_data(config, latents=latents))
+  expect = vae_lib.vae_encode(vae_params, stage.model_config, batch["frames"])
+  np.testing.assert_allclose(batch["latents"], expect, atol=2e-5)
+  params = stage.init(jax.random.PRNGKey(0))
+  rng = jax.random.PRNGKey(3)
+  loss, _ = stage.loss(params, {k: batch[k] for k in stage.batch_keys}, rng, vae_params)
+  cached_loss, _ = cached_stage.loss(params, {k: batch[k] for k in cached_stage.batch_keys}, rng, vae_params)
+  np.testing.assert_allclose(float(cached_loss), float(loss), rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------- kill and resume
 
 

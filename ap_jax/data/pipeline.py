@@ -31,6 +31,7 @@ A clip (dimension letters: B batch, T = clip_steps, P = max_players, H, W pixels
   num_players   int32   [B]
   seed          int64   [B]              the episode's seed
   start         int32   [B]              the window's first frame in the episode
+  latents       float32 [B, T+1, h, w, c] only for a source with precomputed latents (`WithLatents`)
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def make_clip(episode: dict[str, Any], config: PipelineConfig, rng: np.random.Ge
   if start is None:
     start = int(rng.integers(0, steps - t + 1)) if rng is not None else 0
   frames = np.asarray(episode["frames"])[start:start + t + 1]
+  latents = None if "latents" not in episode else np.asarray(episode["latents"], np.float32)[start:start + t + 1]
 
   def pad(x, fill=0):  # per-player arrays here are [time, player, ...]
     x = np.asarray(x)
@@ -117,7 +119,7 @@ def make_clip(episode: dict[str, Any], config: PipelineConfig, rng: np.random.Ge
     frames = frames.astype(np.float32) * (2.0 / 255.0) - 1.0
   elif config.frames_dtype != "uint8":
     raise ValueError(f"frames_dtype = {config.frames_dtype!r}, expected 'float32' or 'uint8'")
-  return dict(
+  clip = dict(
       frames=frames,
       actions=clip_actions.astype(np.int32),
       positions=positions.astype(np.float32),
@@ -128,6 +130,26 @@ def make_clip(episode: dict[str, Any], config: PipelineConfig, rng: np.random.Ge
       seed=np.int64(episode["seed"]),
       start=np.int32(start),
   )
+  if latents is not None:
+    clip["latents"] = latents
+  return clip
+
+
+class WithLatents:
+  """A random-access episode source whose episodes also carry precomputed denoiser latents [T+1, h, w, c]
+  (`latents[i]` for episode i), which `make_clip` cuts like the frames (key `latents`)."""
+
+  def __init__(self, source: RandomAccessSource, latents: np.ndarray):
+    if len(latents) != len(source):
+      raise ValueError(f"{len(latents)} latent episodes for a source of {len(source)} episodes")
+    self._source, self._latents = source, latents
+    self.info = getattr(source, "info", None)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return dict(self._source[index], latents=self._latents[index])
 
 
 class LiveEpisodeSource:

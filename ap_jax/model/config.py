@@ -67,7 +67,18 @@ def _dit(width: int, depth: int, heads: int, mlp: int, patch_size: int):
       # Each frame's video tokens also embed the previous frame's latents (as Wan2.1 image-to-video concatenates
       # its conditioning frame), so copying the unchanged scene is free and learning goes to what changes. Our
       # deviation from the paper, measured as an ablation (docs/research_log.md). Needs chunk-1 sampling.
+      # Subject tokens likewise embed the previous frame's coordinates.
       previous_frame_input=False,
+      # False: the context frame is not in the token sequence at all; each window holds only frames to generate,
+      # which read the frame before them through previous_frame_input alone (channel conditioning, as GameNGen),
+      # and every frame's action entry is the action that produces it (no START). Half the tokens of a one-step
+      # clip. Our deviation, measured as an ablation (docs/research_log.md). Needs previous_frame_input.
+      context_tokens=True,
+      # The subject state also carries the player's facing as a unit vector (dy, dx) (N = (-1, 0), E = (0, 1)),
+      # denoised with the coordinates: the paper's state is the position alone ("coord tokens"); with actions
+      # relative to facing, a token that knows its facing computes its move locally. Our deviation, measured as
+      # an ablation (docs/research_log.md). Sampling then needs each player's initial facing.
+      state_facing=False,
       # ---- implementation
       attention_impl="xla",  # xla (dense mask, any device) | cudnn (jax.nn.dot_product_attention) | splash (TPU)
       scan_layers=True,
@@ -88,6 +99,13 @@ def _flow():
       # Coordinates lead the video in denoising (flow.coord_time): clean once the video reaches t = lead. 0 = the
       # same time for both.
       coord_time_lead=0.0,
+      # Source distribution of the coordinates' flow (ours; the paper's reading is "standard"): "standard" draws
+      # them from N(0, 1) as the latents; "previous" from N(c, coord_noise_std^2) around c = the coordinates of the
+      # last context frame (the state the step starts from), so denoising moves each subject from where it was and
+      # its RoPE position starts near its own sprite. coord_noise_std is in normalised units (one built-in cell of
+      # 8 px on a 64 px canvas is 0.25).
+      coord_prior="standard",
+      coord_noise_std=1.0,
       # Extra video-loss weight on the latent cells a player occupies in the frame or occupied in the previous
       # frame (dit.subject_region_weight): 1 + this there, 1 elsewhere. 0 = the plain unweighted loss.
       subject_loss_weight=0.0,

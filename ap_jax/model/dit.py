@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ap_jax import actions as actions_lib
 from ap_jax.model import attention as attn_lib
 from ap_jax.model import config as config_lib
 from ap_jax.model import flow as flow_lib
@@ -101,6 +102,9 @@ def param_specs(config: ml_collections.ConfigDict) -> dict:
   if width % heads:
     raise ValueError(f"dit.width = {width} is not divisible by dit.heads = {heads}")
   rope_lib.rope_split(width // heads)  # validates the head width
+  if not d.context_tokens and not d.previous_frame_input:
+    raise ValueError("dit.context_tokens = False needs dit.previous_frame_input = True: without context tokens the "
+                     "previous frame reaches the model only as input channels")
   patch_dim = d.patch_size ** 2 * config.vae.latent_channels
   block = {
       "modulation": ParamSpec((6, width), (None, "embed"), "embedding", scale=1.0 / math.sqrt(width)),
@@ -126,15 +130,40 @@ def param_specs(config: ml_collections.ConfigDict) -> dict:
           "out": layers.dense_spec(width, patch_dim, "embed", "patch"),
       },
   }
-  coord_in = 2 + 4 * d.coord_freqs
+  dims = state_dims(config)
+  coord_in = dims + 2 * dims * d.coord_freqs
   if d.subject_tokens:
     specs["coord_embed"] = _mlp2_specs(coord_in, width)
-    specs["coord_head"] = layers.dense_spec(width, 2, "embed", None)
+    if d.previous_frame_input:
+      specs["previous_coord_embed"] = _mlp2_specs(coord_in, width)
+    specs["coord_head"] = layers.dense_spec(width, dims, "embed", None)
     if d.slot_embedding:
       specs["slot_embed"] = ParamSpec((config.max_players, width), ("subjects", "embed"), "embedding", scale=1.0)
   else:
     specs["player_coord_embed"] = _mlp2_specs(coord_in, width)
   return specs
+
+
+def state_dims(config: ml_collections.ConfigDict) -> int:
+  """Entries of a subject's state: its normalised (y, x), plus its facing (dy, dx) with dit.state_facing."""
+  return 4 if config.dit.get("state_facing", False) else 2
+
+
+def facing_vectors(orientations: jax.Array) -> jax.Array:
+  """int orientations (0 N, 1 E, 2 S, 3 W) [...] -> unit facing vectors (dy, dx) [..., 2] float32."""
+  table = jnp.asarray(actions_lib.ORIENTATION_DELTAS, jnp.float32)
+  return jnp.take(table, jnp.clip(orientations.astype(jnp.int32), 0, 3), axis=0)
+
+
+def subject_state(positions_px: jax.Array, orientations, canvas_hw, config: ml_collections.ConfigDict) -> jax.Array:
+  """Pixel centres [..., 2] (and orientations [...]) -> the subject state [..., state_dims]: normalised
+  coordinates, then the facing vector with dit.state_facing."""
+  coords = positions_to_coords(positions_px, canvas_hw)
+  if not config.dit.get("state_facing", False):
+    return coords
+  if orientations is None:
+    raise ValueError("dit.state_facing needs each player's orientation (batch['orientations'] [B, F, P])")
+  return jnp.concatenate([coords, facing_vectors(orientations)], axis=-1)
 
 
 def init(rng: jax.Array, config: ml_collections.ConfigDict) -> Params:
@@ -260,14 +289,17 @@ def _check_inputs(config, inputs, cache) -> None:
                      f"{config.vae.latent_channels}")
   if h % ps or w % ps:
     raise ValueError(f"latent grid {h}x{w} is not divisible by dit.patch_size = {ps}")
-  num_actions = f if cache is not None else f - 1
+  # Without a cache a window starts with a context frame that gets START, unless the context is not in the sequence.
+  num_actions = f if (cache is not None or not config.dit.context_tokens) else f - 1
   expect = {"times": (b, f), "actions": (b, num_actions, config.max_players), "player_mask": (b, config.max_players)}
   if config.dit.subject_tokens:
-    expect["coords"] = (b, f, config.max_players, 2)
+    expect["coords"] = (b, f, config.max_players, state_dims(config))
   else:
-    expect["initial_coords"] = (b, config.max_players, 2)
+    expect["initial_coords"] = (b, config.max_players, state_dims(config))
   if config.dit.previous_frame_input:
     expect["previous_latents"] = (b, f, h, w, c)
+    if config.dit.subject_tokens:
+      expect["previous_coords"] = (b, f, config.max_players, state_dims(config))
   for key, shape in expect.items():
     if key not in inputs:
       raise ValueError(f"inputs lacks {key!r}; expected an array of shape {list(shape)}")
@@ -292,15 +324,18 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
     actions         [B, F-1, P] int  action t takes frame t to t+1 (or null_action_id); padded slots ignored.
                                      With a cache: [B, F, P], the actions that produce each of these F frames.
     player_mask     [B, P] bool      real players
-    coords          [B, F, P, 2]     noisy normalised coordinates (subject_tokens=True)
-    initial_coords  [B, P, 2]        clean normalised context-frame coordinates (subject_tokens=False baseline)
+    coords          [B, F, P, S]     noisy subject states (subject_tokens=True): normalised coordinates (y, x),
+                                     then the facing vector when dit.state_facing (S = state_dims(config))
+    initial_coords  [B, P, S]        clean context-frame subject states (subject_tokens=False baseline)
     previous_latents [B, F, h, w, c] the (context version of the) frame before each frame, zeros before the
                                      window's first frame (dit.previous_frame_input=True; `previous_latents`)
+    previous_coords [B, F, P, S]     likewise the previous frame's coordinates (previous_frame_input with subject
+                                     tokens)
   cache: from an earlier call with return_cache=True: these F frames follow the cached ones. Because attention
     is causal per frame, apply(frames 0..k) then apply(frames k+1.., cache) gives exactly the outputs of one
     apply over all frames. Keys are cached after RoPE at absolute frame indices, so `trim_cache` (a sliding
     window) keeps relative positions intact.
-  Returns {"video": [B, F, h, w, c] float32 velocity, "coords": [B, F, P, 2] float32 velocity (zero in padded
+  Returns {"video": [B, F, h, w, c] float32 velocity, "coords": [B, F, P, S] float32 velocity (zero in padded
   slots; absent without subject tokens)}, plus "cache" (covering the cached and these frames) if return_cache.
   """
   _check_inputs(config, inputs, cache)
@@ -338,7 +373,7 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
 
   # Action entries [B, F, P]: entry f is the action that produced frame f (START for the clip's first frame),
   # after the cached frames' entries; embedded and flattened slot-major to [B, P (F0 + F), C].
-  if cache is None:
+  if cache is None and d.context_tokens:
     start = jnp.full((b, 1, config.max_players), start_action_id(config), jnp.int32)
     entries_BFP = jnp.concatenate([start, inputs["actions"].astype(jnp.int32)], axis=1)
   else:
@@ -349,10 +384,13 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
   if d.subject_tokens:
     coords = inputs["coords"].astype(jnp.float32)
     subj = _mlp2(params["coord_embed"], _coord_features(coords, d.coord_freqs), dtype)  # [B, F, P, C]
+    if d.previous_frame_input:
+      previous = _coord_features(inputs["previous_coords"].astype(jnp.float32), d.coord_freqs)
+      subj = subj + _mlp2(params["previous_coord_embed"], previous, dtype)
     if d.slot_embedding:
       subj = subj + params["slot_embed"].astype(dtype)
     x = jnp.concatenate([video, subj], axis=2)
-    subj_yx = coords_to_token_grid(coords, (gy, gx))
+    subj_yx = coords_to_token_grid(coords[..., :2], (gy, gx))  # the position part of the state
     if not d.subject_rope:
       subj_yx = jnp.zeros_like(subj_yx)  # no spatial rotation: angles 0 for y and x
     subj_t = jnp.broadcast_to(frame_pos[None, :, None, None], (b, f, num_slots, 1))
@@ -460,7 +498,7 @@ def training_inputs(config: ml_collections.ConfigDict, batch: dict[str, jax.Arra
   if times is None:
     times = flow_lib.sample_frame_times(rng_t, b, f, config.flow)
   canvas = (h * config_lib.compression(config), w * config_lib.compression(config))
-  coords0 = positions_to_coords(batch["positions"], canvas)
+  coords0 = subject_state(batch["positions"], batch.get("orientations"), canvas, config)
   noise_v = jax.random.normal(rng_v, latents.shape)
   noise_c = jax.random.normal(rng_c, coords0.shape)
   player_mask = batch["player_mask"].astype(bool)
@@ -481,18 +519,33 @@ def training_inputs(config: ml_collections.ConfigDict, batch: dict[str, jax.Arra
     ctx_times = jax.random.uniform(jax.random.fold_in(rng, 2), (b, f)) * config.flow.context_noise_max
     ctx_times = ctx_times.at[:, 0].set(times[:, 0])
     inputs["previous_latents"] = previous_latents(flow_lib.add_noise(latents, noise_v, ctx_times))
+  centre = flow_lib.coord_prior_centre(coords0, config.flow.num_context_frames, config.flow)
+  source_c = flow_lib.coord_source(centre, noise_c, config.flow)
   if config.dit.subject_tokens:
     coord_times = flow_lib.coord_time(times, config.flow.coord_time_lead)
-    inputs["coords"] = flow_lib.add_noise(coords0, noise_c, coord_times) * player_mask[:, None, :, None]
+    inputs["coords"] = flow_lib.add_noise(coords0, source_c, coord_times) * player_mask[:, None, :, None]
+    if config.dit.previous_frame_input:
+      # As for the latents: frame 1 reads the context frame's input, later frames the clean previous frame.
+      clean = coords0 * player_mask[:, None, :, None]
+      inputs["previous_coords"] = previous_latents(jnp.concatenate([inputs["coords"][:, :1], clean[:, 1:]], axis=1))
   else:
     inputs["initial_coords"] = coords0[:, 0] * player_mask[:, :, None]
   targets = {"video": flow_lib.velocity_target(latents, noise_v),
-             "coords": flow_lib.velocity_target(coords0, noise_c)}
+             "coords": flow_lib.velocity_target(coords0, source_c)}
+  if not config.dit.context_tokens:
+    # The context frame leaves the sequence: it is only the previous frame of the first target (channels).
+    if config.flow.num_context_frames != 1:
+      raise ValueError(f"dit.context_tokens = False needs flow.num_context_frames = 1, got "
+                       f"{config.flow.num_context_frames}")
+    per_frame = ("latents", "times", "coords", "previous_latents", "previous_coords")
+    inputs = {k: (v[:, 1:] if k in per_frame else v) for k, v in inputs.items()}
+    targets = {k: v[:, 1:] for k, v in targets.items()}
+    times = times[:, 1:]
   return inputs, targets, times
 
 
 def previous_latents(latents_BFhwc: jax.Array) -> jax.Array:
-  """[B, F, h, w, c] -> the latents of each frame's previous frame: zeros, then frames 0..F-2."""
+  """[B, F, ...] -> each frame's previous frame: zeros, then frames 0..F-2 (latents, or coordinates [B, F, P, 2])."""
   return jnp.concatenate([jnp.zeros_like(latents_BFhwc[:, :1]), latents_BFhwc[:, :-1]], axis=1)
 
 
@@ -542,12 +595,13 @@ def loss_fn(params: Params, config: ml_collections.ConfigDict, batch: dict[str, 
   inputs, targets, times = training_inputs(config, batch, rng)
   out = apply(params, config, inputs)
   b, f = times.shape
-  frame_weight = (jnp.arange(f) >= config.flow.num_context_frames).astype(jnp.float32)
+  first_target = config.flow.num_context_frames if config.dit.context_tokens else 0
+  frame_weight = (jnp.arange(f) >= first_target).astype(jnp.float32)
   frame_weight = jnp.broadcast_to(frame_weight, (b, f))
   video_weight = frame_weight
   if config.flow.subject_loss_weight > 0:
-    video_weight = frame_weight[:, :, None, None] * subject_region_weight(
-        config, batch["positions"], batch["player_mask"], batch["latents"].shape[2:4])
+    region = subject_region_weight(config, batch["positions"], batch["player_mask"], batch["latents"].shape[2:4])
+    video_weight = frame_weight[:, :, None, None] * region[:, region.shape[1] - f:]
   video_loss = flow_lib.flow_loss(out["video"], targets["video"], video_weight)
   metrics = {"video_loss": video_loss}
   loss = video_loss

@@ -59,6 +59,30 @@ def coord_time(t: jax.Array, lead: float) -> jax.Array:
   return jnp.clip((t - lead) / (1.0 - lead), 0.0, 1.0)
 
 
+COORD_PRIORS = ("standard", "previous")
+
+
+def coord_prior_centre(coords_BFP2: jax.Array, num_context: int, flow_config: ml_collections.ConfigDict) -> jax.Array:
+  """[B, F, P, 2] centre of each frame's coordinate source distribution (flow.coord_prior): zeros ("standard"), or
+  ("previous") each context frame's own coordinates and, for every target frame, the last context frame's (what a
+  sampler knows when it starts a chunk)."""
+  if flow_config.coord_prior == "standard":
+    return jnp.zeros_like(coords_BFP2)
+  if flow_config.coord_prior != "previous":
+    raise ValueError(f"flow.coord_prior = {flow_config.coord_prior!r}, expected one of {COORD_PRIORS}")
+  f = coords_BFP2.shape[1]
+  last = coords_BFP2[:, num_context - 1:num_context]
+  return jnp.concatenate([coords_BFP2[:, :num_context], jnp.broadcast_to(last, (coords_BFP2.shape[0], f - num_context)
+                                                                          + coords_BFP2.shape[2:])], axis=1)
+
+
+def coord_source(centre: jax.Array, noise: jax.Array, flow_config: ml_collections.ConfigDict) -> jax.Array:
+  """A draw from the coordinates' source distribution: centre + coord_noise_std * noise ("previous"), or noise."""
+  if flow_config.coord_prior == "standard":
+    return noise
+  return centre + float(flow_config.coord_noise_std) * noise
+
+
 def add_noise(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
   """x_t = (1 - t) x0 + t noise; t broadcasts from the left ([B, F] against [B, F, ...])."""
   t = t.reshape(t.shape + (1,) * (x0.ndim - t.ndim)).astype(x0.dtype)

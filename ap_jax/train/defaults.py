@@ -45,7 +45,13 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
       read_threads=2,
       worker_count=0,
       prefetch_buffer_size=4,
+      # Denoiser stage: encode every training episode once with the frozen autoencoder before the first step and
+      # train on those latents (held in host memory), instead of encoding each batch's frames every step.
+      cache_latents=False,
   ))
+  # Sampling defaults that belong to the model's training (the sampler's `from_trained` reads them):
+  # snap_px snaps fed-back subject coordinates to cell centres of that many pixels (0 = off).
+  c.sampling = ml_collections.ConfigDict(dict(snap_px=0.0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
   c.logical_axis_rules = DEFAULT_RULES
   c.optim = ml_collections.ConfigDict(dict(

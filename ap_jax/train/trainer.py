@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ap_jax.data import dataset as dataset_lib
 from ap_jax.data import pipeline as pipeline_lib
 from ap_jax.data import tfds_builder
+from ap_jax.model import config as model_config_lib
 from ap_jax.model import dit as dit_lib
 from ap_jax.model import layers as layers_lib
 from ap_jax.model import sharding as sharding_lib
@@ -109,16 +110,22 @@ def build_stage(config: ml_collections.ConfigDict, *, frozen: Any = None, meta: 
     model_config.vae.latent_scale = float(meta["latent_scale"])
 
     def loss(params, batch, rng, frozen_params):
-      latents = jax.lax.stop_gradient(vae_lib.vae_encode(frozen_params, model_config, batch["frames"]))
+      if "latents" in batch:  # precomputed by the frozen autoencoder (data.cache_latents)
+        latents = batch["latents"]
+      else:
+        latents = jax.lax.stop_gradient(vae_lib.vae_encode(frozen_params, model_config, batch["frames"]))
       dit_batch = dict(latents=latents, positions=batch["positions"], actions=batch["actions"],
                        player_mask=batch["player_mask"])
+      if "orientations" in batch:
+        dit_batch["orientations"] = batch["orientations"]
       return dit_lib.loss_fn(params, model_config, dit_batch, rng)
 
     return Stage(
         name="denoiser", model_config=model_config,
         init=lambda rng: dit_lib.init(rng, model_config),
         logical_axes=dit_lib.param_logical_axes(model_config), loss=loss,
-        batch_keys=("frames", "actions", "positions", "player_mask"),
+        batch_keys=("latents" if config.data.get("cache_latents", False) else "frames", "actions", "positions",
+                    "player_mask") + (("orientations",) if model_config.dit.get("state_facing", False) else ()),
         frozen=frozen, frozen_axes=vae_lib.vae_logical_axes(model_config), meta=dict(meta))
   raise config_utils.ConfigError(f"stage = {config.stage!r}, expected one of {STAGES}")
 
@@ -171,20 +178,55 @@ def resolve_dataset(data: ml_collections.ConfigDict) -> str:
   return path
 
 
-def build_data(config: ml_collections.ConfigDict, split: str = "train"):
-  """The Grain iterator of this process's shard of the training data (global batch / process count)."""
+def open_source(config: ml_collections.ConfigDict, split: str = "train"):
+  """The random-access episode source of the config's data (live episodes, or a stored dataset's split)."""
+  data = config.data
+  if data.source == "live":
+    return pipeline_lib.LiveEpisodeSource(generation_spec(data))
+  if data.source in ("builtin", "dir"):
+    return dataset_lib.open_split(resolve_dataset(data), split)
+  raise config_utils.ConfigError(f"data.source = {data.source!r}, expected 'builtin', 'dir' or 'live'")
+
+
+def encode_source(source, vae_params, model_config, *, batch_frames: int = 256, progress: bool = True) -> np.ndarray:
+  """Denoiser latents of every episode of a stored source, [episodes, T+1, h, w, c] float32, by the frozen
+  autoencoder exactly as the training step would encode them (posterior mean, normalised). Held in host memory:
+  for the small datasets of CPU-sized configs (2,000 tiny episodes: 280 MB); a pod-sized dataset wants latents
+  written to disk instead."""
+  from tqdm import tqdm
+
+  encode = jax.jit(lambda p, x: vae_lib.vae_encode(p, model_config, x))
+  first = source[0]
+  frames_per_episode = np.asarray(first["frames"]).shape[0]
+  per_call = max(1, batch_frames // frames_per_episode)
+  out = None
+  bar = tqdm(total=len(source), desc="encoding latents", unit="ep", disable=not progress, leave=False)
+  for start in range(0, len(source), per_call):
+    idx = range(start, min(start + per_call, len(source)))
+    frames = np.stack([np.asarray(source[i]["frames"]) for i in idx]).astype(np.float32) * (2.0 / 255.0) - 1.0
+    if len(idx) < per_call:  # one compiled shape: pad the last call
+      frames = np.concatenate([frames, np.zeros((per_call - len(idx),) + frames.shape[1:], frames.dtype)])
+    latents = np.asarray(jax.device_get(encode(vae_params, frames)))[:len(idx)]
+    if out is None:
+      out = np.empty((len(source),) + latents.shape[1:], np.float32)
+    out[start:start + len(idx)] = latents
+    bar.update(len(idx))
+  bar.close()
+  return out
+
+
+def build_data(config: ml_collections.ConfigDict, split: str = "train", latents: np.ndarray | None = None):
+  """The Grain iterator of this process's shard of the training data (global batch / process count); with
+  `latents` (`encode_source`), clips carry them."""
   data = config.data
   pipe = pipeline_lib.PipelineConfig(
       clip_steps=int(data.clip_steps), max_players=int(config.model.max_players),
       global_batch_size=int(data.global_batch_size), permute_players=bool(data.permute_players),
       seed=int(config.seed), read_threads=int(data.read_threads), worker_count=int(data.worker_count),
       prefetch_buffer_size=int(data.prefetch_buffer_size))
-  if data.source == "live":
-    source = pipeline_lib.LiveEpisodeSource(generation_spec(data))
-  elif data.source in ("builtin", "dir"):
-    source = dataset_lib.open_split(resolve_dataset(data), split)
-  else:
-    raise config_utils.ConfigError(f"data.source = {data.source!r}, expected 'builtin', 'dir' or 'live'")
+  source = open_source(config, split)
+  if latents is not None:
+    source = pipeline_lib.WithLatents(source, latents)
   return iter(pipeline_lib.make_dataset(source, pipe))
 
 
@@ -246,8 +288,12 @@ def batch_shapes(config, stage: Stage, mesh, rules) -> dict[str, jax.ShapeDtypeS
   data = config.data
   b, t, p = int(data.global_batch_size), int(data.clip_steps), int(config.model.max_players)
   h, w = frame_hw(config)
-  shapes = dict(frames=((b, t + 1, h, w, 3), jnp.float32), actions=((b, t, p), jnp.int32),
-                positions=((b, t + 1, p, 2), jnp.float32), player_mask=((b, p), jnp.bool_))
+  comp = model_config_lib.compression(config.model)
+  latent = (b, t + 1, h // comp, w // comp, int(config.model.vae.latent_channels))
+  shapes = dict(frames=((b, t + 1, h, w, 3), jnp.float32), latents=(latent, jnp.float32),
+                actions=((b, t, p), jnp.int32),
+                positions=((b, t + 1, p, 2), jnp.float32), orientations=((b, t + 1, p), jnp.int32),
+                player_mask=((b, p), jnp.bool_))
   sharding = mesh_lib.batch_sharding(mesh, rules)
   return {k: jax.ShapeDtypeStruct(shapes[k][0], shapes[k][1], sharding=sharding) for k in stage.batch_keys}
 
@@ -510,7 +556,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = Fals
   stage = build_stage(config, frozen=frozen, meta=meta)
   tx, schedule = optim_lib.build_optimizer(config.optim, int(config.total_steps))
   init_fn, state_shardings, abstract_state = build_state(config, stage, tx, mesh, rules)
-  data_iter = build_data(config)
+  latents = None
+  if stage.name == "denoiser" and config.data.get("cache_latents", False):
+    if config.data.source == "live":
+      raise config_utils.ConfigError("data.cache_latents needs stored episodes; data.source = 'live' generates "
+                                     "new ones forever")
+    start_encode = time.time()
+    latents = encode_source(open_source(config), stage.frozen, stage.model_config, progress=progress and is_main)
+    log.info("encoded %d training episodes into latents %s in %.0fs (data.cache_latents)", latents.shape[0],
+             list(latents.shape[1:]), time.time() - start_encode)
+  data_iter = build_data(config, latents=latents)
 
   start_step = 0
   restored = ckpt.restore_latest(abstract_state, data_iter) if latest is not None else None
@@ -620,11 +675,14 @@ def analytic_step_flops(config, stage: Stage) -> float:
 
   b, frames = int(config.data.global_batch_size), int(config.data.clip_steps) + 1
   hw = frame_hw(config)
+  # Without context tokens the denoiser's sequence holds only the clip's target frames (all are encoded, though).
+  dit_frames = frames - (0 if stage.model_config.dit.get("context_tokens", True) else 1)
   if stage.name == "autoencoder":
     crop = int(config.get("autoencoder_crop", 0))
     return flops_lib.vae_train_step_flops(stage.model_config, b * frames, (crop, crop) if crop else hw)
-  encode = flops_lib.vae_forward_flops(stage.model_config, b * frames, hw, decoder=False)
-  return encode + flops_lib.denoiser_train_step_flops(stage.model_config, b, frames,
+  encode = 0.0 if "latents" in stage.batch_keys else flops_lib.vae_forward_flops(stage.model_config, b * frames, hw,
+                                                                                  decoder=False)
+  return encode + flops_lib.denoiser_train_step_flops(stage.model_config, b, dit_frames,
                                                       flops_lib.latent_hw(stage.model_config, hw))
 
 
@@ -639,6 +697,7 @@ def _tokens_per_example(config, stage: Stage) -> int:
 
   per_side = model_config_lib.pixels_per_token(stage.model_config)
   subjects = int(config.model.max_players) if stage.model_config.dit.subject_tokens else 0
+  frames -= 0 if stage.model_config.dit.get("context_tokens", True) else 1
   return frames * ((h // per_side) * (w // per_side) + subjects)
 
 
