@@ -162,10 +162,10 @@ def add_demo(sub):
                      "subject preservation. Resumable: run it again to continue. About 20 minutes on 2 CPU cores.")
   p.add_argument("--out", default="out/demo", help="output directory (data, workdirs, video, results.json)")
   p.add_argument("--episodes", type=int, default=2000, help="episodes in the built-in dataset")
-  p.add_argument("--ae-steps", type=int, default=1500, help="autoencoder training steps")
+  p.add_argument("--ae-steps", type=int, default=1200, help="autoencoder training steps")
   p.add_argument("--dit-steps", type=int, default=1200, help="denoiser training steps")
   p.add_argument("--eval-episodes", type=int, default=24, help="held-out test episodes to evaluate")
-  p.add_argument("--eval-steps", type=int, default=8, help="generated steps per evaluated episode")
+  p.add_argument("--eval-steps", type=int, default=16, help="generated steps per evaluated episode")
   p.add_argument("--denoise-steps", type=int, default=10, help="sampler steps per generated frame")
   p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
   p.set_defaults(func=cmd_demo)
@@ -190,7 +190,7 @@ def add_compare(sub):
   p.add_argument("--out", default="out/compare")
   p.add_argument("--variants", default="", help="comma-separated subset (default: all)")
   p.add_argument("--episodes", type=int, default=2000)
-  p.add_argument("--ae-steps", type=int, default=1500)
+  p.add_argument("--ae-steps", type=int, default=1200)
   p.add_argument("--dit-steps", type=int, default=1200)
   p.add_argument("--eval-players", type=_players, default=(1, 8))
   p.add_argument("--episodes-per-count", type=int, default=6)
@@ -233,7 +233,9 @@ def _add_sampler_flags(p):
                       "model trained with independent frame times)")
   p.add_argument("--window", type=int, default=None,
                  help="most frames the model attends over (cache + chunk); default: the training clip length")
-  p.add_argument("--context-noise", type=float, default=0.0, help="flow time of cached context frames (0 = clean)")
+  p.add_argument("--context-noise", type=float, default=None,
+                 help="flow time of generated frames as context (0 = clean; default: the training config's "
+                      "sampling.context_noise)")
   p.add_argument("--guidance", type=float, default=1.0,
                  help="classifier-free guidance scale on actions (1 = off; needs flow.action_dropout > 0)")
   p.add_argument("--no-reencode", dest="reencode", action="store_false",

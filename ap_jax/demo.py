@@ -33,6 +33,9 @@ VARIANTS: dict[str, list[str]] = {
     "no_masked_cross_attention": ["--config.model.dit.masked_cross_attention=false"],
     "frame_wise_cross_attention": ["--config.model.dit.frame_wise=true"],
     "no_subject_rope": ["--config.model.dit.subject_rope=false"],
+    # Ablations of our deviations from the paper (configs/tiny.py, docs/research_log.md).
+    "no_facing_state": ["--config.model.dit.state_facing=false"],
+    "velocity_coordinates": ["--config.model.flow.coord_target=velocity"],
 }
 
 
@@ -74,8 +77,8 @@ def _sampler(trained, denoise_steps: int):
   return sample_lib.Sampler.from_trained(trained, denoise_steps=denoise_steps)
 
 
-def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1500, dit_steps: int = 1200,
-             eval_episodes: int = 24, eval_steps: int = 8, denoise_steps: int = 10, seed: int = 0,
+def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps: int = 1200,
+             eval_episodes: int = 24, eval_steps: int = 16, denoise_steps: int = 10, seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
   """The main job on the built-in game; returns (and writes) `results.json`'s contents."""
   from ap_jax import evaluate, viz
@@ -98,7 +101,7 @@ def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1500, dit_steps:
   trained = trainer.load_trained(dit_dir)
   sampler = _sampler(trained, denoise_steps)
   start = time.time()
-  [case] = evaluate.fresh_builtin_cases(trained.config, (4, 4), 1, eval_steps * 2)
+  [case] = evaluate.fresh_builtin_cases(trained.config, (4, 4), 1, eval_steps)
   frames, positions, _ = evaluate.run_cases(sampler, [case], seed=seed, batch_size=1)
   video, records = evaluate.render(case, frames[0], positions[0])
   video_path = viz.write_video(video, os.path.join(out, "rollout_4p.mp4"))
@@ -129,7 +132,7 @@ def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1500, dit_steps:
   return results
 
 
-def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 1500, dit_steps: int = 1200,
+def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps: int = 1200,
                    variants: Sequence[str] | None = None, eval_players: tuple[int, int] = (1, 8),
                    episodes_per_count: int = 6, eval_steps: int = 8, denoise_steps: int = 10, seed: int = 0,
                    progress: bool = True) -> dict[str, Any]:

@@ -153,14 +153,16 @@ class Sampler:
   @classmethod
   def from_trained(cls, trained, **kwargs) -> "Sampler":
     """A sampler for `trainer.load_trained(...)`'s TrainedModel. Defaults follow its training layout: the window
-    is the training clip (clip_steps + 1 frames); snap_px is the config's `sampling.snap_px`; the chunk is clip_steps frames when the model was trained with
+    is the training clip (clip_steps + 1 frames); snap_px and context_noise are the config's `sampling` ones; the chunk is clip_steps frames when the model was trained with
     one shared time over its target frames (then every chunk sees what training showed: one clean context frame
     and clip_steps frames at one noise level), and 1 frame when it was trained with independent frame times
     (diffusion forcing covers clean-past / noisy-present at any position)."""
     clip = int(trained.config.data.clip_steps)
     kwargs.setdefault("window", clip + 1)
-    if kwargs.get("snap_px") is None:
-      kwargs["snap_px"] = float(trained.config.get("sampling", {}).get("snap_px", 0.0))
+    defaults = trained.config.get("sampling", {})
+    for key in ("snap_px", "context_noise"):
+      if kwargs.get(key) is None:
+        kwargs[key] = float(defaults.get(key, 0.0))
     if kwargs.get("chunk") is None:
       flow = trained.model_config.flow
       one = flow.independent_frame_times or trained.model_config.dit.get("previous_frame_input", False)
@@ -200,26 +202,38 @@ class Sampler:
     return jax.vmap(one)(keys_B)
 
   def _integrate(self, velocity, x, y):
-    """Runs the ODE from t = 1 to 0 on (latents x, coords y). velocity(x, y, t) -> (v_x, v_y)."""
+    """Runs the ODE from t = 1 to 0 on (latents x, coords y). velocity(x, y, t) -> (v_x, v_y), where v_y is the
+    coordinates' velocity, or their predicted clean state with flow.coord_target = "displacement"."""
     ts = self.times
     k = self.denoise_steps
 
     # Coordinates move in their own time g(t) (flow.coord_time; g(t) = t unless they lead the video).
     g = lambda t: flow_lib.coord_time(t, self.config.flow.coord_time_lead)
+    predicts_clean = self.config.flow.get("coord_target", "velocity") == "displacement"
+
+    def coord_step(y, vy, t, t_next):
+      if not predicts_clean:
+        return y + (g(t_next) - g(t)) * vy
+      # DDIM-style: keep the same noise, at the smaller coordinate time: y' = y0 + (g' / g) (y - y0). Coordinates
+      # already clean (g = 0, below the lead) stay as they are.
+      g_t, g_next = g(t), g(t_next)
+      ratio = g_next / jnp.maximum(g_t, 1e-12)
+      return jnp.where(g_t > 0, vy + ratio * (y - vy), y)
 
     def euler(i, xy):
       x, y = xy
       vx, vy = velocity(x, y, ts[i])
-      return x + (ts[i + 1] - ts[i]) * vx, y + (g(ts[i + 1]) - g(ts[i])) * vy
+      return x + (ts[i + 1] - ts[i]) * vx, coord_step(y, vy, ts[i], ts[i + 1])
 
     def heun(i, xy):
       x, y = xy
       t, t_next = ts[i], ts[i + 1]
-      dt, dg = t_next - t, g(t_next) - g(t)
+      dt = t_next - t
       vx, vy = velocity(x, y, t)
-      xe, ye = x + dt * vx, y + dg * vy
+      xe, ye = x + dt * vx, coord_step(y, vy, t, t_next)
       vx2, vy2 = velocity(xe, ye, t_next)
-      return x + dt * 0.5 * (vx + vx2), y + dg * 0.5 * (vy + vy2)
+      # Both coordinate rules take the average of the two evaluations (velocities, or clean-state predictions).
+      return x + dt * 0.5 * (vx + vx2), coord_step(y, 0.5 * (vy + vy2), t, t_next)
 
     if self.sampler == "euler":
       return jax.lax.fori_loop(0, k, euler, (x, y))

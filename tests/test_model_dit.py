@@ -36,9 +36,11 @@ def make_inputs(cfg, seed=0, player_mask=((True, True, True, False), (True, Fals
       "actions": jnp.asarray(rng.integers(0, 8, size=(B, F - int(cfg.dit.context_tokens), P)), jnp.int32),
       "player_mask": jnp.asarray(player_mask),
   }
-  coords = jnp.asarray(rng.uniform(-1, 1, size=(B, F, P, 2)), jnp.float32)
+  coords = jnp.asarray(rng.uniform(-1, 1, size=(B, F, P, dit.state_dims(cfg))), jnp.float32)
   if cfg.dit.previous_frame_input:
     inputs["previous_latents"] = dit.previous_latents(inputs["latents"] * 0.5)
+    if cfg.dit.subject_tokens:
+      inputs["previous_coords"] = dit.previous_latents(coords * 0.9)
   if cfg.dit.subject_tokens:
     inputs["coords"] = coords
   else:
@@ -67,6 +69,8 @@ SWITCHES = [
     {"slot_embedding": True},
     {"previous_frame_input": True},
     {"previous_frame_input": True, "context_tokens": False},
+    {"state_facing": True},
+    {"state_facing": True, "subject_tokens": False},
     {"scan_layers": False, "remat_policy": "full"},
 ]
 
@@ -84,7 +88,7 @@ def test_shapes_dtypes_and_logical_axes(overrides):
   assert out["video"].shape == (B, F, LATENT_HW, LATENT_HW, 4) and out["video"].dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(out["video"])))
   if cfg.dit.subject_tokens:
-    assert out["coords"].shape == (B, F, P, 2) and out["coords"].dtype == jnp.float32
+    assert out["coords"].shape == (B, F, P, dit.state_dims(cfg)) and out["coords"].dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(out["coords"])))
   else:
     assert "coords" not in out
@@ -114,7 +118,7 @@ def _batch(cfg, seed=0):
   return {
       "latents": inputs["latents"],
       "positions": jnp.asarray(rng.integers(0, 8, size=(B, F, P, 2)) * 8 + 4.0, jnp.float32) * (canvas / 64),
-      "actions": inputs["actions"],
+      "actions": inputs["actions"][:, -(F - 1):],  # a training clip: F - 1 actions between its F frames
       "player_mask": inputs["player_mask"],
   }
 
@@ -435,3 +439,43 @@ def test_previous_coordinate_prior_centres_the_noise_on_the_last_context_frame()
   cfg.flow.coord_prior = "sideways"
   with pytest.raises(ValueError, match="flow.coord_prior = 'sideways'"):
     dit.training_inputs(cfg, batch, jax.random.key(0), times)
+
+
+def test_facing_in_the_state_is_a_unit_vector_per_orientation():
+  cfg = small_config(state_facing=True)
+  assert dit.state_dims(cfg) == 4 and dit.state_dims(small_config()) == 2
+  np.testing.assert_array_equal(dit.facing_vectors(jnp.arange(4)), [[-1, 0], [0, 1], [1, 0], [0, -1]])
+  batch = _batch(cfg)
+  with pytest.raises(ValueError, match="state_facing needs each player's orientation"):
+    dit.training_inputs(cfg, batch, jax.random.key(0))
+  batch["orientations"] = jnp.asarray(np.random.default_rng(0).integers(0, 4, (B, F, P)), jnp.int32)
+  times = jnp.zeros((B, F), jnp.float32)
+  inputs, targets, _ = dit.training_inputs(cfg, batch, jax.random.key(0), times)
+  mask = np.asarray(batch["player_mask"])[:, None, :, None]
+  np.testing.assert_allclose(np.asarray(inputs["coords"][..., 2:]) * mask,
+                             np.asarray(dit.facing_vectors(batch["orientations"])) * mask, atol=1e-6)
+  params = dit.init(jax.random.key(0), cfg)
+  loss, _ = dit.loss_fn(params, cfg, batch, jax.random.key(1))
+  assert np.isfinite(float(loss))
+
+
+def test_displacement_target_predicts_the_state_relative_to_the_previous_frame():
+  """flow.coord_target = "displacement": the head's zero means "stay where you were" (the output is the previous
+  state), and the loss is the clean-state MSE in units of the prior's spread."""
+  cfg = small_config(previous_frame_input=True)
+  cfg.flow.update(dict(coord_prior="previous", coord_noise_std=0.25, coord_target="displacement"))
+  params = dit.init(jax.random.key(0), cfg)
+  params["coord_head"] = jax.tree.map(jnp.zeros_like, params["coord_head"])
+  inputs = make_inputs(cfg)
+  out = run(cfg, params, inputs)
+  mask = np.asarray(inputs["player_mask"])[:, None, :, None]
+  np.testing.assert_allclose(out["coords"], np.asarray(inputs["previous_coords"]) * mask, atol=1e-6)
+  batch = _batch(cfg)
+  _, targets, _ = dit.training_inputs(cfg, batch, jax.random.key(1))
+  canvas = LATENT_HW * config_lib.compression(cfg)
+  np.testing.assert_allclose(targets["coords"], dit.positions_to_coords(batch["positions"], (canvas, canvas)),
+                             atol=1e-6)
+  assert np.isfinite(float(dit.loss_fn(params, cfg, batch, jax.random.key(2))[0]))
+  cfg.flow.coord_prior = "standard"
+  with pytest.raises(ValueError, match="coord_target = 'displacement' needs"):
+    dit.training_inputs(cfg, batch, jax.random.key(1))

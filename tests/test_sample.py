@@ -27,8 +27,19 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
 SMALL_AE = ["--config.model.vae.channels=8", "--config.model.vae.latent_channels=4",
             "--config.optim.warmup_steps=0", "--config.log_every=1"]
 # The autoencoder's checkpoint fingerprint covers the whole model config, so both stages get the DiT overrides.
-SMALL_DIT = ["--config.model.dit.width=64", "--config.model.dit.depth=2", "--config.model.dit.heads=4",
-             "--config.model.dit.mlp=128", "--config.data.clip_steps=2"]
+SIZES = ["--config.model.dit.width=64", "--config.model.dit.depth=2", "--config.model.dit.heads=4",
+         "--config.model.dit.mlp=128"]
+# The paper's layout (context frame in the sequence, one shared noise level over 2 target frames, KV cache), pinned
+# here whatever configs/tiny.py defaults to, so every cache path stays covered.
+SMALL_DIT = SIZES + ["--config.data.clip_steps=2", "--config.model.dit.previous_frame_input=false",
+                     "--config.model.dit.context_tokens=true", "--config.model.dit.state_facing=false",
+                     "--config.model.flow.coord_prior=standard", "--config.data.cache_latents=false"]
+# The one-step recipe (docs/research_log.md): previous frame as channels, no context tokens, facing in the state,
+# coordinates drawn around the last state, cached latents.
+ONE_STEP = SIZES + ["--config.data.clip_steps=1", "--config.model.dit.previous_frame_input=true",
+                    "--config.model.dit.context_tokens=false", "--config.model.dit.state_facing=true",
+                    "--config.model.flow.coord_prior=previous", "--config.model.flow.coord_noise_std=0.25",
+                    "--config.data.cache_latents=true", "--config.sampling.snap_px=8"]
 FAST = ["--config.total_steps=2", "--config.checkpoint_every=2", "--config.data.global_batch_size=8",
         "--config.async_checkpointing=false"]
 WINDOW = 3  # clip_steps + 1
@@ -54,6 +65,17 @@ def workdir(tmp_path_factory):
     os.environ.pop("AP_JAX_CACHE")
   else:
     os.environ["AP_JAX_CACHE"] = old_env
+
+
+@pytest.fixture(scope="module")
+def one_step(workdir):
+  """A one-step-recipe denoiser on the same autoencoder (two steps: mechanics, not quality)."""
+  root = os.path.dirname(workdir)
+  config = config_utils.apply_overrides(config_utils.load_config(f"{TINY}:runlocal"),
+                                        SMALL_AE + ONE_STEP + FAST + [f"--config.autoencoder_workdir={root}/ae"])
+  path = os.path.join(root, "one_step")
+  trainer.train(config, path, progress=False)
+  return path, trainer.load_trained(path)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +215,38 @@ def test_bad_sampler_settings_are_named(trained):
     s.rollout(np.zeros((1, 64, 64, 3), np.uint8), np.zeros((1, 9, 2)), np.zeros((1, 2, 9), np.int32))
   with pytest.raises(ValueError, match=r"actions\[0, 1, 0\] = 8, but the action space has 8 actions"):
     s.rollout(np.zeros((1, 64, 64, 3), np.uint8), np.zeros((1, 1, 2)), np.array([[[0], [8]]]))
+
+
+def test_one_step_model_rollouts(one_step, episodes):
+  _, one_step = one_step
+  # Chunks of one frame that see only the previous frame (channels), coordinates snapped to the 8 px cells as the
+  # config asks, each player's initial facing required (it is part of the state), deterministic per seed.
+  episode = episodes[0]
+  frames, positions, actions = _inputs(episode, 4)
+  facing = np.asarray(episode["orientations"])[None, 0]
+  sampler = sample_lib.Sampler.from_trained(one_step, denoise_steps=2)
+  assert (sampler.chunk, sampler.snap_px, sampler.state_dims) == (1, 8.0, 4)
+  out = sampler.rollout(frames, positions, actions, seed=2, initial_orientations=facing)
+  again = sampler.rollout(frames, positions, actions, seed=2, initial_orientations=facing)
+  np.testing.assert_array_equal(out.frames, again.frames)
+  assert out.frames.shape == (1, 5, 64, 64, 3) and out.positions.shape == (1, 5, actions.shape[2], 2)
+  assert out.timing["max_frames_in_view"] == 1
+  np.testing.assert_allclose((out.positions[:, 1:] - 4.0) % 8.0, 0.0, atol=1e-4)
+  with pytest.raises(sample_lib.SampleError, match="pass initial_orientations"):
+    sampler.rollout(frames, positions, actions)
+  with pytest.raises(sample_lib.SampleError, match="initial_orientations has shape"):
+    sampler.rollout(frames, positions, actions, initial_orientations=facing + 4)
+  with pytest.raises(sample_lib.SampleError, match="chunk = 2, but the model reads the previous frame"):
+    sample_lib.Sampler.from_trained(one_step, chunk=2, window=3)
+
+
+def test_eval_command_on_a_one_step_model(one_step, tmp_path):
+  out = str(tmp_path / "results.json")
+  assert cli.main(["eval", "--workdir", one_step[0], "--split", "test", "--episodes", "2", "--steps", "2",
+                   "--denoise-steps", "2", "--out", out]) == 0
+  results = json.load(open(out))
+  assert results["sampling"]["chunk"] == 1 and results["sampling"]["snap_px"] == 8.0
+  assert results["movement_accuracy"] is not None
 
 
 # ----------------------------------------------------------------------------------------------- commands

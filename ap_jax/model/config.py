@@ -106,6 +106,11 @@ def _flow():
       # 8 px on a 64 px canvas is 0.25).
       coord_prior="standard",
       coord_noise_std=1.0,
+      # What the coordinate head predicts: "velocity" (flow matching, as the latents) or "displacement" (ours): the
+      # clean state as previous_coords + coord_noise_std * head, trained by MSE in those units, so "stay where you
+      # were" is the head's zero and only the move is learned. Needs coord_prior="previous" and
+      # dit.previous_frame_input; samplers step the coordinates DDIM-style from the predicted clean state.
+      coord_target="velocity",
       # Extra video-loss weight on the latent cells a player occupies in the frame or occupied in the previous
       # frame (dit.subject_region_weight): 1 + this there, 1 elsewhere. 0 = the plain unweighted loss.
       subject_loss_weight=0.0,

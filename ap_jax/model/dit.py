@@ -335,7 +335,8 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
     is causal per frame, apply(frames 0..k) then apply(frames k+1.., cache) gives exactly the outputs of one
     apply over all frames. Keys are cached after RoPE at absolute frame indices, so `trim_cache` (a sliding
     window) keeps relative positions intact.
-  Returns {"video": [B, F, h, w, c] float32 velocity, "coords": [B, F, P, S] float32 velocity (zero in padded
+  Returns {"video": [B, F, h, w, c] float32 velocity, "coords": [B, F, P, S] float32 velocity, or the predicted
+  clean state with flow.coord_target = "displacement" (zero in padded
   slots; absent without subject tokens)}, plus "cache" (covering the cached and these frames) if return_cache.
   """
   _check_inputs(config, inputs, cache)
@@ -458,6 +459,9 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
   out = {"video": video_out}
   if d.subject_tokens:
     coord_v = layers.dense(params["coord_head"], y[:, :, n:], jnp.float32)
+    if config.flow.get("coord_target", "velocity") == "displacement":
+      # The clean state, as a displacement from the previous frame's state in units of the prior's spread.
+      coord_v = inputs["previous_coords"].astype(jnp.float32) + float(config.flow.coord_noise_std) * coord_v
     out["coords"] = coord_v * player_mask[:, None, :, None]
   if return_cache:
     k_new, v_new = new_kv
@@ -532,6 +536,11 @@ def training_inputs(config: ml_collections.ConfigDict, batch: dict[str, jax.Arra
     inputs["initial_coords"] = coords0[:, 0] * player_mask[:, :, None]
   targets = {"video": flow_lib.velocity_target(latents, noise_v),
              "coords": flow_lib.velocity_target(coords0, source_c)}
+  if config.flow.get("coord_target", "velocity") == "displacement":
+    if config.flow.coord_prior != "previous" or not config.dit.previous_frame_input:
+      raise ValueError("flow.coord_target = 'displacement' needs flow.coord_prior = 'previous' and "
+                       "dit.previous_frame_input = True (the displacement is from the previous frame's state)")
+    targets["coords"] = coords0
   if not config.dit.context_tokens:
     # The context frame leaves the sequence: it is only the previous frame of the first target (channels).
     if config.flow.num_context_frames != 1:
@@ -609,7 +618,11 @@ def loss_fn(params: Params, config: ml_collections.ConfigDict, batch: dict[str, 
     # Frames whose coordinates are already clean (coord_time 0, possible with a lead) carry no coordinate target.
     noisy = (flow_lib.coord_time(times, config.flow.coord_time_lead) > 0).astype(jnp.float32)
     w = (frame_weight * noisy)[:, :, None] * inputs["player_mask"][:, None, :].astype(jnp.float32)
-    coord_loss = flow_lib.flow_loss(out["coords"], targets["coords"], w)
+    if config.flow.get("coord_target", "velocity") == "displacement":  # MSE in units of the prior's spread
+      scale = 1.0 / float(config.flow.coord_noise_std)
+      coord_loss = flow_lib.flow_loss(out["coords"] * scale, targets["coords"] * scale, w)
+    else:
+      coord_loss = flow_lib.flow_loss(out["coords"], targets["coords"], w)
     metrics["coord_loss"] = coord_loss
     loss = loss + config.flow.coord_loss_weight * coord_loss
   metrics["loss"] = loss

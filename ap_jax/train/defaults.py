@@ -50,8 +50,10 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
       cache_latents=False,
   ))
   # Sampling defaults that belong to the model's training (the sampler's `from_trained` reads them):
-  # snap_px snaps fed-back subject coordinates to cell centres of that many pixels (0 = off).
-  c.sampling = ml_collections.ConfigDict(dict(snap_px=0.0))
+  # snap_px snaps fed-back subject coordinates to cell centres of that many pixels (0 = off); context_noise is the
+  # flow time at which generated frames become context (0 = clean; training draws it from
+  # [0, flow.context_noise_max], so a level inside that range is in distribution and washes out small errors).
+  c.sampling = ml_collections.ConfigDict(dict(snap_px=0.0, context_noise=0.0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
   c.logical_axis_rules = DEFAULT_RULES
   c.optim = ml_collections.ConfigDict(dict(
