@@ -32,6 +32,8 @@ def _xla_denoiser_step_flops(cfg) -> float:
       "actions": jax.ShapeDtypeStruct((BATCH, FRAMES - 1, p_max), jnp.int32),
       "player_mask": jax.ShapeDtypeStruct((BATCH, p_max), jnp.bool_),
   }
+  if cfg.dit.state_facing:
+    batch["orientations"] = jax.ShapeDtypeStruct((BATCH, FRAMES, p_max), jnp.int32)
   params = jax.eval_shape(lambda: dit.init(jax.random.key(0), cfg))
   step = lambda p, b, r: jax.value_and_grad(dit.loss_fn, has_aux=True)(p, cfg, b, r)
   return _compiled_flops(step, params, batch, jax.eval_shape(lambda: jax.random.key(0)))
@@ -39,10 +41,15 @@ def _xla_denoiser_step_flops(cfg) -> float:
 
 # The global-conditioning baseline (subject_tokens=False) counts its cross-attention differently; it was checked
 # by hand at 0.97 of XLA on tiny (benchmarks/model_flops.py --xla) and is left out here to save compile time.
-@pytest.mark.parametrize("name,subject_tokens", [("tiny", True), ("small", True)])
-def test_denoiser_flops_match_compiled_cost(name, subject_tokens):
+ONE_STEP = dict(previous_frame_input=True, state_facing=True)  # the extra embeddings of configs/tiny.py's recipe
+
+
+@pytest.mark.parametrize("name,subject_tokens,extra", [("tiny", True, {}), ("small", True, {}),
+                                                       ("tiny", True, ONE_STEP)], ids=["tiny", "small", "tiny_one_step"])
+def test_denoiser_flops_match_compiled_cost(name, subject_tokens, extra):
   cfg = config_lib.get_model_config(name)
   cfg.dit.update(dict(subject_tokens=subject_tokens, scan_layers=False, remat_policy="none", dtype="float32"))
+  cfg.dit.update(extra)
   depth = cfg.dit.depth
   measured = {}
   for d in (1, 2):

@@ -28,7 +28,8 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
 SMALL_AE = ["--config.model.vae.channels=8", "--config.model.vae.latent_channels=4", "--config.data.clip_steps=1",
             "--config.data.global_batch_size=8", "--config.optim.warmup_steps=0", "--config.log_every=1"]
 SMALL_DIT = ["--config.model.dit.width=64", "--config.model.dit.depth=2", "--config.model.dit.heads=4",
-             "--config.model.dit.mlp=128", "--config.data.clip_steps=2"]
+             "--config.model.dit.mlp=128", "--config.data.clip_steps=2",
+             "--config.data.cache_latents=false"]  # batches carry frames (test_cached_latents_* covers the cache)
 
 
 @pytest.fixture(scope="module", autouse=True)

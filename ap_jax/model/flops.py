@@ -40,7 +40,9 @@ def denoiser_forward_flops(config: ml_collections.ConfigDict, batch_size: int, n
   s = p_max * f  # action entries
   cross_queries = f * p if d.subject_tokens else f * n
   patch_dim = ps * ps * c_lat
-  coord_in = 2 + 4 * d.coord_freqs
+  dims = 4 if d.get("state_facing", False) else 2  # dit.state_dims
+  coord_in = dims + 2 * dims * d.coord_freqs
+  previous = bool(d.get("previous_frame_input", False))  # a second patch embedding (and state embedding)
 
   per_block = {
       "self_attn_proj": 8 * length * width * width,
@@ -54,10 +56,10 @@ def denoiser_forward_flops(config: ml_collections.ConfigDict, batch_size: int, n
   }
   out = {k: b * d.depth * v for k, v in per_block.items()}
   out["embed_and_head"] = b * (
-      4 * f * n * patch_dim * width  # patch embedding and video head
+      (4 + 2 * previous) * f * n * patch_dim * width  # patch embedding(s) and video head
       + 2 * f * (d.freq_dim * width + width * width + 6 * width * width)  # time MLP and modulation
-      + (2 * f * p * (coord_in * width + width * width) + 4 * f * p * width if d.subject_tokens
-         else 2 * p_max * (coord_in * width + width * width))
+      + ((2 + 2 * previous) * f * p * (coord_in * width + width * width) + 2 * f * p * width * dims
+         if d.subject_tokens else 2 * p_max * (coord_in * width + width * width))
       + _NORM_PER_ELEMENT * length * width)
   out["total"] = float(sum(out.values()))
   return out
