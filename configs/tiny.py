@@ -6,11 +6,12 @@ Autoencoder, then denoiser (the denoiser reads the autoencoder's workdir):
   ap-jax train --config configs/tiny.py --workdir runs/tiny/dit --config.autoencoder_workdir=runs/tiny/ae
 
 Hardware: 2 CPU cores (float32). First use generates the built-in dataset (2,000 episodes of 16 steps, 2-4
-players, 64x64 frames) into ~/.cache/ap_jax (about 10 s). Measured on 2 CPU cores (`ap-jax demo`, 18.1 min end to
-end): the autoencoder, 1,500 steps in 5.5 min (0.2 s/step; 29.4 dB PSNR on held-out frames, every player
-still detected in its reconstructions); the denoiser, 1,200 steps in 12.0 min (0.55 s/step, batch 8 of 5-frame
-clips). The denoiser then follows actions only rarely: movement accuracy 0.059, subject preservation 0.438 on
-held-out episodes (README "The main job and the comparison").
+players, 64x64 frames) into ~/.cache/ap_jax (about 10 s). Measured on 2 CPU cores (`ap-jax demo`, 17.8 min end to
+end): the autoencoder, 1,200 steps in 4.7 min (0.22 s/step); the denoiser, 1.8 min to encode the training episodes
+once, then 1,200 steps of batch 48 in 10.6 min (0.5 s/step). On 24 held-out test episodes of 16 steps it scores
+movement accuracy 0.661 and subject preservation 0.792 (first step 0.929 / 0.971; holding the initial frame:
+0.460 / 1.0). README "The main job and the comparison"; the recipe's deviations from the paper are measured in
+docs/research_log.md.
 
 Arguments (comma-separated after the colon): `autoencoder` selects that stage; `runlocal` shrinks the run to a
 smoke test (a few steps, small batch).

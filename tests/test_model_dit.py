@@ -319,7 +319,8 @@ def test_kv_cache_matches_one_pass(overrides):
   first = jax.jit(lambda p, x: dit.apply(p, cfg, x, return_cache=True))
 
   def frames(lo, hi):
-    part = {k: v[:, lo:hi] for k, v in inputs.items() if k in ("latents", "times", "coords", "previous_latents")}
+    per_frame = ("latents", "times", "coords", "previous_latents", "previous_coords")
+    part = {k: v[:, lo:hi] for k, v in inputs.items() if k in per_frame}
     part.update({k: inputs[k] for k in ("player_mask", "initial_coords") if k in inputs})
     return part
 

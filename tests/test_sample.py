@@ -33,7 +33,8 @@ SIZES = ["--config.model.dit.width=64", "--config.model.dit.depth=2", "--config.
 # here whatever configs/tiny.py defaults to, so every cache path stays covered.
 SMALL_DIT = SIZES + ["--config.data.clip_steps=2", "--config.model.dit.previous_frame_input=false",
                      "--config.model.dit.context_tokens=true", "--config.model.dit.state_facing=false",
-                     "--config.model.flow.coord_prior=standard", "--config.data.cache_latents=false"]
+                     "--config.model.flow.coord_prior=standard", "--config.model.flow.coord_target=velocity",
+                     "--config.data.cache_latents=false"]
 # The one-step recipe (docs/research_log.md): previous frame as channels, no context tokens, facing in the state,
 # coordinates drawn around the last state, cached latents.
 ONE_STEP = SIZES + ["--config.data.clip_steps=1", "--config.model.dit.previous_frame_input=true",

@@ -556,22 +556,32 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = Fals
   stage = build_stage(config, frozen=frozen, meta=meta)
   tx, schedule = optim_lib.build_optimizer(config.optim, int(config.total_steps))
   init_fn, state_shardings, abstract_state = build_state(config, stage, tx, mesh, rules)
-  latents = None
-  if stage.name == "denoiser" and config.data.get("cache_latents", False):
-    if config.data.source == "live":
-      raise config_utils.ConfigError("data.cache_latents needs stored episodes; data.source = 'live' generates "
-                                     "new ones forever")
+  cache_latents = stage.name == "denoiser" and config.data.get("cache_latents", False)
+  if cache_latents and config.data.source == "live":
+    raise config_utils.ConfigError("data.cache_latents needs stored episodes; data.source = 'live' generates new "
+                                   "ones forever")
+
+  def encoded_latents():
     start_encode = time.time()
-    latents = encode_source(open_source(config), stage.frozen, stage.model_config, progress=progress and is_main)
-    log.info("encoded %d training episodes into latents %s in %.0fs (data.cache_latents)", latents.shape[0],
-             list(latents.shape[1:]), time.time() - start_encode)
-  data_iter = build_data(config, latents=latents)
+    table = encode_source(open_source(config), stage.frozen, stage.model_config, progress=progress and is_main)
+    log.info("encoded %d training episodes into latents %s in %.0fs (data.cache_latents)", table.shape[0],
+             list(table.shape[1:]), time.time() - start_encode)
+    return table
+
+  # A run that has already finished needs no latents (it only restores and returns).
+  finished = latest is not None and latest >= int(config.total_steps)
+  data_iter = build_data(config, latents=encoded_latents() if cache_latents and not finished else None)
 
   start_step = 0
   restored = ckpt.restore_latest(abstract_state, data_iter) if latest is not None else None
   if restored is not None:
     start_step, state, _ = restored
     log.info("resumed from %s at step %d", ckpt.directory, start_step)
+    if cache_latents and finished and start_step < int(config.total_steps):
+      # The newest checkpoint was damaged and an earlier one restored: this run trains after all.
+      position = data_iter.get_state()
+      data_iter = build_data(config, latents=encoded_latents())
+      data_iter.set_state(position)
   else:
     state = init_fn(jax.random.PRNGKey(int(config.seed)))
   if stage.frozen is not None:
