@@ -292,6 +292,12 @@ class Sampler:
                                 self._twice_opt(previous))
     return dit_lib.apply(params, self.config, inputs, return_cache=True)["cache"]
 
+  def _finish(self, x0, y0, ctx_v, ctx_c, player_mask):
+    """A denoised chunk's states (clipped to the canvas, snapped, padded slots zero) and its context versions:
+    (states, context latents, context states, context times)."""
+    y0 = self._snap(jnp.clip(y0, -1.0, 1.0), x0.shape[2:4]) * player_mask[:, None, :, None]
+    return (y0,) + self._context(x0, y0, ctx_v, ctx_c)
+
   def _context(self, latents, coords, noise_v, noise_c):
     """Clean (or lightly noised) versions of generated frames, as the cache and later frames see them."""
     b, f = latents.shape[:2]
@@ -324,8 +330,7 @@ class Sampler:
       return self._combine(out["video"]), self._combine(vy)
 
     x0, y0 = self._integrate(velocity, noise_v, self._coord_source(last_coords, noise_c, player_mask))
-    y0 = self._snap(jnp.clip(y0, -1.0, 1.0), latent_hwc[:2]) * player_mask[:, None, :, None]
-    lat_ctx, coords_ctx, times = self._context(x0, y0, ctx_v, ctx_c)
+    y0, lat_ctx, coords_ctx, times = self._finish(x0, y0, ctx_v, ctx_c, player_mask)
     new_cache = None
     if append:
       out = dit_lib.apply(params, cfg, self._model_inputs(self._twice(lat_ctx), self._twice(times), actions2, mask2,
@@ -355,8 +360,7 @@ class Sampler:
       return self._combine(out["video"]), self._combine(vy)
 
     x0, y0 = self._integrate(velocity, noise_v, self._coord_source(last_coords, noise_c, player_mask))
-    y0 = self._snap(jnp.clip(y0, -1.0, 1.0), latent_hwc[:2]) * player_mask[:, None, :, None]
-    lat_ctx, coords_ctx, times = self._context(x0, y0, ctx_v, ctx_c)
+    y0, lat_ctx, coords_ctx, times = self._finish(x0, y0, ctx_v, ctx_c, player_mask)
     return vae_lib.vae_decode(vae_params, cfg, x0), y0, lat_ctx, coords_ctx, times
 
   def _chunk_full(self, params, vae_params, hist_latents, hist_coords, hist_times, hist_actions, actions_BFP,
@@ -384,8 +388,7 @@ class Sampler:
       return self._combine(out["video"][:, -f:]), self._combine(vy)
 
     x0, y0 = self._integrate(velocity, noise_v, self._coord_source(hist_coords[:, -1:], noise_c, player_mask))
-    y0 = self._snap(jnp.clip(y0, -1.0, 1.0), latent_hwc[:2]) * player_mask[:, None, :, None]
-    lat_ctx, coords_ctx, times = self._context(x0, y0, ctx_v, ctx_c)
+    y0, lat_ctx, coords_ctx, times = self._finish(x0, y0, ctx_v, ctx_c, player_mask)
     return vae_lib.vae_decode(vae_params, cfg, x0), y0, lat_ctx, coords_ctx, times
 
   # ------------------------------------------------------------------------------------------ jit + sharding
