@@ -310,8 +310,8 @@ class Sampler:
 
   def _chunk_cached(self, params, vae_params, cache, actions_BFP, player_mask, initial_coords, keys_B, last_latents,
                     last_coords, latent_hwc, append):
-    """Denoises one chunk against the cache and decodes it; with `append`, also passes the chunk once more to append
-    it to the cache. last_latents [B, 1, h, w, c], last_coords [B, 1, S, 2]: the context frame before the chunk
+    """Denoises one chunk against the cache (None: a model without context tokens, whose window is the chunk alone)
+    and decodes it; with `append`, also passes the chunk once more to append it to the cache. last_latents [B, 1, h, w, c], last_coords [B, 1, S, 2]: the context frame before the chunk
     (what previous_frame_input reads for a chunk of 1, and the centre of the coordinates' source distribution).
     Returns (frames [B, F, H, W, 3] in [-1, 1], coords [B, F, S, 2], new cache or None, the chunk's context latents,
     coords and times)."""
@@ -339,29 +339,6 @@ class Sampler:
       new_cache = out["cache"]
     frames = vae_lib.vae_decode(vae_params, cfg, x0)
     return frames, y0, new_cache, lat_ctx, coords_ctx, times
-
-  def _chunk_channels(self, params, vae_params, last_latents, last_coords, actions_BFP, player_mask, initial_coords,
-                      keys_B):
-    """One chunk of a model without context tokens (dit.context_tokens = False): the window holds only the frame
-    to generate, which reads the last generated frame through previous_frame_input (chunk is 1). Returns (frames,
-    coords, context latents, context coords, context times) of the chunk."""
-    cfg = self.config
-    b, f = actions_BFP.shape[:2]
-    latent_hwc = last_latents.shape[2:]
-    noise_v, noise_c, ctx_v, ctx_c = self._noise(keys_B, (f,) + latent_hwc, (f, self.slots, self.state_dims))
-    actions2, mask2, init2 = self._branches(actions_BFP), self._twice(player_mask), self._twice(initial_coords)
-    prev2 = self._twice_opt((last_latents, last_coords))
-
-    def velocity(x, y, t):
-      times = jnp.full((b, f), t, jnp.float32)
-      inputs = self._model_inputs(self._twice(x), self._twice(times), actions2, mask2, self._twice(y), init2, prev2)
-      out = dit_lib.apply(params, cfg, inputs)
-      vy = out["coords"] if self.subject_tokens else jnp.zeros_like(y)
-      return self._combine(out["video"]), self._combine(vy)
-
-    x0, y0 = self._integrate(velocity, noise_v, self._coord_source(last_coords, noise_c, player_mask))
-    y0, lat_ctx, coords_ctx, times = self._finish(x0, y0, ctx_v, ctx_c, player_mask)
-    return vae_lib.vae_decode(vae_params, cfg, x0), y0, lat_ctx, coords_ctx, times
 
   def _chunk_full(self, params, vae_params, hist_latents, hist_coords, hist_times, hist_actions, actions_BFP,
                   player_mask, initial_coords, keys_B):
@@ -530,9 +507,10 @@ class Sampler:
       last_latents, last_coords = hist["latents"][:, -1:], hist["coords"][:, -1:]
       if not self.context_tokens:
         cached, shape_key = 0, (0, f)
-        gen, coords, lat_c, coords_c, times_c = self._call(
-            "chunk_channels", self._chunk_channels, params, vae_params, last_latents, last_coords, chunk_actions,
-            mask_d, init_d, chunk_keys)
+        # No cache: the window holds only the frame to generate, which reads the last one as previous_frame_input.
+        gen, coords, _, lat_c, coords_c, times_c = self._call(
+            "chunk_channels", self._chunk_cached, params, vae_params, None, chunk_actions, mask_d, init_d, chunk_keys,
+            last_latents, last_coords, latent_hwc, False, static_argnums=(9, 10))
       elif self.use_cache and self.reencode:
         # Re-encode the kept context frames as a fresh clip start (first frame with START, attending only to the
         # window), exactly the layout of training; trimming an appended cache instead keeps keys computed while
