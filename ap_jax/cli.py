@@ -10,7 +10,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 log = logging.getLogger("ap_jax")
@@ -400,6 +402,24 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+class _Terminated(BaseException):
+  """SIGTERM outside a training loop (which saves and stops on its own)."""
+
+
+def _raise_terminated(signum, frame):
+  del signum, frame
+  raise _Terminated()
+
+
+def _absl_flags_parsed() -> None:
+  """Grain reads absl flags (in its worker processes, for example), which are parsed only by absl.app programs:
+  ap-jax parses its own command line, so absl's flags keep their defaults and are marked as parsed."""
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args, unknown = parser.parse_known_args(argv)
@@ -408,20 +428,37 @@ def main(argv: list[str] | None = None) -> int:
   if rest or (overrides and not getattr(args, "accepts_config_overrides", False)):
     parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}")
   args.overrides = overrides
+  _absl_flags_parsed()
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
   for noisy in ("absl", "jax._src", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  # SIGTERM outside training stops with a message (training replaces the handler with a save-then-stop flag).
+  main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
   try:
     return int(args.func(args) or 0)
+  except (KeyboardInterrupt, _Terminated) as e:
+    name = "SIGTERM" if isinstance(e, _Terminated) else "SIGINT"
+    print(f"ap-jax {args.command}: stopped by {name} (outside training: nothing to save; datasets and "
+          "checkpoints are written atomically, so the same command starts again cleanly)", file=sys.stderr)
+    return 128 + (signal.SIGTERM if name == "SIGTERM" else signal.SIGINT)
   except Exception as e:
-    from ap_jax.train import trainer as _trainer  # noqa: F401  (TrainError lives there)
+    from ap_jax.train import checkpoint as _checkpoint
+    from ap_jax.train import trainer as _trainer  # TrainError and Stopped live there
 
-    if not isinstance(e, (ValueError, FileExistsError, FileNotFoundError, _trainer.TrainError)):
+    if isinstance(e, _trainer.Stopped):
+      print(f"ap-jax {args.command}: {e}", file=sys.stderr)
+      return 128 + int(getattr(signal, e.signal_name, signal.SIGTERM))
+    if not isinstance(e, (ValueError, FileExistsError, FileNotFoundError, _trainer.TrainError,
+                          _checkpoint.CheckpointError)):
       raise
 
     print(f"ap-jax {args.command}: error: {e}", file=sys.stderr)
     return 2
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -62,11 +62,13 @@ def train_stages(out: str, data_dir: str, *, ae_steps: int, dit_steps: int, dit_
   ae_dir, dit_dir = os.path.join(out, "ae"), os.path.join(out, dit_name)
   seconds = {}
   start = time.time()
-  trainer.train(_config("autoencoder", data + [f"--config.total_steps={ae_steps}"]), ae_dir, progress=progress)
+  trainer.train_stage(_config("autoencoder", data + [f"--config.total_steps={ae_steps}"]), ae_dir,
+                      what="the autoencoder", progress=progress)
   seconds["train_autoencoder"] = time.time() - start
   start = time.time()
-  trainer.train(_config("", data + [f"--config.total_steps={dit_steps}", f"--config.autoencoder_workdir={ae_dir}"]
-                        + list(dit_overrides)), dit_dir, progress=progress)
+  trainer.train_stage(_config("", data + [f"--config.total_steps={dit_steps}",
+                                          f"--config.autoencoder_workdir={ae_dir}"] + list(dit_overrides)),
+                      dit_dir, what=f"the denoiser {dit_name}", progress=progress)
   seconds["train_denoiser"] = time.time() - start
   return ae_dir, dit_dir, seconds
 

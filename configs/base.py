@@ -9,11 +9,14 @@ float32 master weights, scanned blocks with `dots_with_no_batch_dims_saveable` r
 issue) checks the per-chip memory of this config ahead of time. Expected: not yet run at scale.
 """
 
+from ap_jax.train import config_utils
 from ap_jax.train.defaults import base_config
+
+ARGS = ("autoencoder", "runlocal")
 
 
 def get_config(arg=None):
-  args = set((arg or "").split(",")) - {""}
+  args = config_utils.config_args(arg, ARGS)
   c = base_config("base")
   c.stage = "autoencoder" if "autoencoder" in args else "denoiser"
   c.mesh.data = 1

@@ -9,11 +9,14 @@ slots, 4-action clips.
 Hardware: one accelerator or a TPU slice (data parallel). Expected: not yet measured (see README).
 """
 
+from ap_jax.train import config_utils
 from ap_jax.train.defaults import base_config
+
+ARGS = ("autoencoder", "runlocal")
 
 
 def get_config(arg=None):
-  args = set((arg or "").split(",")) - {""}
+  args = config_utils.config_args(arg, ARGS)
   c = base_config("small")
   c.stage = "autoencoder" if "autoencoder" in args else "denoiser"
   c.model.dit.dtype = "bfloat16"

@@ -8,11 +8,14 @@ Hardware: one accelerator (bfloat16 compute, float32 master weights), data paral
 Expected: not yet measured on an accelerator (see README).
 """
 
+from ap_jax.train import config_utils
 from ap_jax.train.defaults import base_config
+
+ARGS = ("autoencoder", "runlocal")
 
 
 def get_config(arg=None):
-  args = set((arg or "").split(",")) - {""}
+  args = config_utils.config_args(arg, ARGS)
   c = base_config("small")
   c.stage = "autoencoder" if "autoencoder" in args else "denoiser"
   c.model.dit.dtype = "bfloat16"

@@ -17,11 +17,14 @@ Arguments (comma-separated after the colon): `autoencoder` selects that stage; `
 smoke test (a few steps, small batch).
 """
 
+from ap_jax.train import config_utils
 from ap_jax.train.defaults import base_config
+
+ARGS = ("autoencoder", "runlocal")
 
 
 def get_config(arg=None):
-  args = set((arg or "").split(",")) - {""}
+  args = config_utils.config_args(arg, ARGS)
   c = base_config("tiny")
   c.stage = "autoencoder" if "autoencoder" in args else "denoiser"
   c.log_every = 10

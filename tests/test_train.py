@@ -173,10 +173,15 @@ def _interrupt_at(cmd, workdir, step, sig):
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
+def straight_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("straight"))
   _run(_train_cmd(workdir, 20))
-  return read_losses(workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def straight_run(straight_dir):
+  return read_losses(straight_dir)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
@@ -310,3 +315,217 @@ def test_bad_input_gets_clear_errors(tmp_path):
   assert summary["start_step"] == 0
   with pytest.raises(trainer.TrainError, match="needs --config.autoencoder_workdir"):
     trainer.train(make_config("runlocal"), str(tmp_path / "d"), progress=False)
+
+
+# ------------------------------------------------------------------------------------ reliability (issue 10)
+
+
+def _tree_listing(path):
+  """Every folder and file under path, with file sizes."""
+  out = []
+  for root, dirs, files in os.walk(path):
+    out += [(os.path.relpath(os.path.join(root, d), path), None) for d in dirs]
+    out += [(os.path.relpath(os.path.join(root, f), path), os.path.getsize(os.path.join(root, f))) for f in files]
+  return sorted(out)
+
+
+def test_readers_never_modify_a_workdir(straight_dir, tmp_path):
+  import shutil
+
+  workdir = str(tmp_path / "w")
+  shutil.copytree(straight_dir, workdir)
+  # What a run writing its next checkpoint has on disk: Orbax's in-flight temporary folder.
+  inflight = os.path.join(workdir, "checkpoints", "25.orbax-checkpoint-tmp-1700000000", "state")
+  os.makedirs(inflight)
+  open(os.path.join(inflight, "partial"), "wb").write(b"\0" * 100)
+  before = _tree_listing(workdir)
+  config = make_config("runlocal", [f"--config.autoencoder_workdir={workdir}"])
+  mesh = mesh_lib.build_mesh(config.mesh, devices=jax.devices()[:1])
+  params, meta = trainer.load_autoencoder(config, mesh, mesh_lib.rules_from_config(config))
+  assert meta["step"] == 20 and jax.tree.leaves(params)
+  assert _tree_listing(workdir) == before, "a reader changed the workdir"
+  # Missing paths are named as missing, and nothing is created.
+  from ap_jax import cli
+
+  for command in (["eval", "--workdir", str(tmp_path / "typo"), "--episodes", "1", "--out", str(tmp_path / "r.json")],
+                  ["sample", "--workdir", str(tmp_path / "typo"), "--episode", "test:0", "--out",
+                   str(tmp_path / "x.mp4")]):
+    assert cli.main(command) == 2
+    assert not os.path.exists(tmp_path / "typo")
+  with pytest.raises(trainer.TrainError, match="does not exist"):
+    trainer.load_trained(str(tmp_path / "typo"))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(trainer.TrainError, match="holds no checkpoint yet"):
+    trainer.load_trained(str(empty))
+  assert os.listdir(empty) == []
+  missing_ae = make_config("runlocal", [f"--config.autoencoder_workdir={tmp_path / 'no_ae'}"])
+  with pytest.raises(trainer.TrainError, match="autoencoder_workdir .*no_ae does not exist"):
+    trainer.train(missing_ae, str(tmp_path / "d"), progress=False)
+  assert not os.path.exists(tmp_path / "no_ae")
+
+
+def test_reading_while_a_run_saves_every_step_does_not_disturb_it(straight_run, tmp_path):
+  # The issue's reproduction: a reader polls the workdir of a run that saves (asynchronously) every step.
+  workdir = str(tmp_path / "live")
+  proc = subprocess.Popen(_train_cmd(workdir, 20, ["--config.checkpoint_every=1", "--config.async_checkpointing=true"]),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  config = make_config("runlocal", [f"--config.autoencoder_workdir={workdir}"])
+  mesh = mesh_lib.build_mesh(config.mesh, devices=jax.devices()[:1])
+  rules = mesh_lib.rules_from_config(config)
+  reads = 0
+  try:
+    while proc.poll() is None:
+      if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        try:
+          trainer.load_autoencoder(config, mesh, rules)
+          reads += 1
+        except trainer.TrainError as e:
+          assert "holds no checkpoint yet" in str(e) or "no checkpoint restores cleanly" in str(e), str(e)
+      time.sleep(0.05)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  err = proc.stderr.read()
+  assert proc.returncode == 0, err[-3000:]
+  assert reads > 0, "the reader never saw a checkpoint"
+  assert read_losses(workdir) == {k: v[:1] for k, v in straight_run.items()}
+
+
+def test_grain_worker_processes_from_the_command_line_resume_exactly(straight_run, tmp_path):
+  workdir = str(tmp_path / "workers")
+  workers = ["--config.data.worker_count=1"]
+  assert _interrupt_at(_train_cmd(workdir, 20, workers), workdir, 8, signal.SIGTERM) == 0
+  _run(_train_cmd(workdir, 20, workers))
+  resumed = read_losses(workdir)
+  assert sorted(resumed) == list(range(1, 21))
+  for step, values in resumed.items():
+    assert all(v == straight_run[step][0] for v in values), f"step {step}: {values} != {straight_run[step]}"
+
+
+def _checkpoint_state_files(workdir, step):
+  root = os.path.join(workdir, "checkpoints", str(step), "state")
+  return [os.path.join(r, f) for r, _, fs in os.walk(root) for f in fs if os.path.getsize(os.path.join(r, f))]
+
+
+def test_checksums_catch_damage_that_still_parses(straight_run, tmp_path):
+  workdir = str(tmp_path / "flipped")
+  _interrupt_at(_train_cmd(workdir, 20), workdir, 11, signal.SIGKILL)  # checkpoints at steps 5 and 10
+  # Damage that parses: the checksums written with step 10 no longer match its arrays (as after a bit flip in
+  # an uncompressed chunk; a flip that breaks the file's encoding is the truncation test's case).
+  meta_files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(workdir, "checkpoints", "10", "meta"))
+                for f in fs]
+  [meta_file] = [f for f in meta_files if '"checksums"' in open(f, errors="ignore").read()]
+  meta = json.load(open(meta_file))
+  name = sorted(meta["checksums"])[0]
+  meta["checksums"][name] = (meta["checksums"][name] + 1) % 2**32
+  json.dump(meta, open(meta_file, "w"))
+  r = _run(_train_cmd(workdir, 20))
+  assert "checkpoint at step 10 cannot be restored (ChecksumMismatch" in r.stderr, r.stderr[-2000:]
+  assert name in r.stderr
+  assert os.listdir(os.path.join(workdir, "checkpoints_damaged"))
+  resumed = read_losses(workdir)
+  for step in range(6, 21):
+    assert resumed[step][-1] == straight_run[step][0], f"step {step}"
+
+
+def test_flipped_bytes_in_a_state_file_are_caught(straight_run, tmp_path):
+  workdir = str(tmp_path / "bytes")
+  _interrupt_at(_train_cmd(workdir, 20), workdir, 11, signal.SIGKILL)
+  biggest = max(_checkpoint_state_files(workdir, 10), key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.seek(os.path.getsize(biggest) // 2)
+    chunk = f.read(16)
+    f.seek(os.path.getsize(biggest) // 2)
+    f.write(bytes(b ^ 0xFF for b in chunk))
+  r = _run(_train_cmd(workdir, 20))
+  assert "checkpoint at step 10 cannot be restored" in r.stderr, r.stderr[-2000:]
+  resumed = read_losses(workdir)
+  for step in range(6, 21):
+    assert resumed[step][-1] == straight_run[step][0], f"step {step}"
+
+
+def test_checksums_are_independent_of_sharding():
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 24))
+  mesh = mesh_lib.build_mesh(make_config(overrides=["--config.mesh.data=1", "--config.mesh.fsdp=8"]).mesh)
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))
+  tree = dict(a=x, b=jax.numpy.arange(5, dtype=jax.numpy.int32), c=x.astype(jax.numpy.bfloat16))
+  sums = checkpoint_lib.state_checksums(tree)
+  assert sums == checkpoint_lib.state_checksums(dict(tree, a=sharded))
+  assert checkpoint_lib.verify_checksums(tree, sums, what="t")
+  flipped = np.asarray(x).copy()
+  flipped.view(np.uint32)[3, 5] ^= 1  # one bit
+  with pytest.raises(checkpoint_lib.ChecksumMismatch, match="1 of 3 arrays differ .*first: a"):
+    checkpoint_lib.verify_checksums(dict(tree, a=jax.numpy.asarray(flipped)), sums, what="t")
+  assert not checkpoint_lib.verify_checksums(tree, None, what="t")  # written before checksums: unverified
+
+
+def test_nan_loss_names_the_checkpoint_that_was_verified(tmp_path):
+  workdir = str(tmp_path / "nan")
+  trainer.train(make_config(overrides=["--config.total_steps=4", "--config.checkpoint_every=2"]), workdir,
+                progress=False)
+  # Resume it for more steps with a learning rate that blows up: the error names the restored, verified step 4.
+  blowup = make_config(overrides=["--config.total_steps=40", "--config.checkpoint_every=100",
+                                  "--config.optim.learning_rate=1e30"])
+  with pytest.raises(trainer.TrainError, match=r"stopping without saving. The newest good checkpoint is step 4, "
+                                                r"restored at the start of this run with its checksums verified"):
+    trainer.train(blowup, workdir, progress=False)
+
+
+def test_sigterm_during_set_up_stops_before_the_first_step(tmp_path, monkeypatch):
+  real = trainer.build_step
+
+  def build_step_then_sigterm(*args, **kwargs):
+    out = real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives while the step compiles: before the loop
+    return out
+
+  monkeypatch.setattr(trainer, "build_step", build_step_then_sigterm)
+  summary = trainer.train(make_config(overrides=["--config.total_steps=5"]), str(tmp_path / "t"), progress=False)
+  assert summary["stopped_by"] == "SIGTERM" and summary["end_step"] == 0
+  assert checkpoint_lib.Checkpointer(str(tmp_path / "t"), read_only=True).all_steps() == []
+
+
+def test_a_stopped_stage_stops_the_demo(tmp_path, monkeypatch):
+  from ap_jax import cli, demo
+
+  calls = []
+
+  def stopped_train(config, workdir, **kwargs):
+    calls.append(config.stage)
+    return dict(stopped_by="SIGTERM", end_step=3, total_steps=int(config.total_steps))
+
+  monkeypatch.setattr(trainer, "train", stopped_train)
+  monkeypatch.setattr(demo, "build_data", lambda out, episodes, players=(2, 4): str(tmp_path / "data"))
+  with pytest.raises(trainer.Stopped, match="stopped by SIGTERM while training the autoencoder"):
+    demo.train_stages(str(tmp_path), str(tmp_path / "data"), ae_steps=10, dit_steps=10, progress=False)
+  assert calls == ["autoencoder"], "the denoiser must not train on a half-trained autoencoder"
+  assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 128 + signal.SIGTERM
+
+
+def test_clean_errors_leave_no_stray_tracebacks(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "ap_jax", "train", "--config", f"{TINY}:runlocal", "--workdir",
+                      str(tmp_path / "w"), "--no-progress"], capture_output=True, text=True, timeout=600)
+  assert r.returncode == 2
+  assert "needs --config.autoencoder_workdir" in r.stderr
+  assert "Traceback" not in r.stderr and "cannot schedule new futures" not in r.stderr, r.stderr[-2000:]
+
+
+def test_torn_metrics_line_is_dropped_and_reported(tmp_path, caplog):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+  assert [r["step"] for r in trainer.read_metrics(str(path))] == [1, 2]
+  assert "line 3 does not parse" in caplog.text
+  writer = trainer.MetricsWriter(str(tmp_path), True)
+  writer.write(3, {"loss": 0.3})
+  writer.close()
+  assert "cut by an interrupted write" in caplog.text
+  assert [r["step"] for r in trainer.read_metrics(str(path))] == [1, 2, 3]
+  assert trainer.plot_losses(str(tmp_path))
+
+
+def test_unknown_config_arguments_are_errors():
+  for name in ("tiny", "small", "base", "meltingpot"):
+    with pytest.raises(config_utils.ConfigError, match=r"unknown config argument\(s\) 'runlocl' \(did you mean "
+                                                       r"'runlocal'\?\); this config knows: autoencoder, runlocal"):
+      config_utils.load_config(os.path.join(ROOT, "configs", f"{name}.py") + ":autoencoder,runlocl")

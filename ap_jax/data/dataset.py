@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import uuid
 from typing import Any
 
@@ -24,6 +25,7 @@ from ap_jax.data import tfds_builder
 log = logging.getLogger(__name__)
 
 INFO_FILE = "dataset_info.json"
+OWNER_FILE = "ap_jax_build_owner.json"  # host and pid of the process writing an `.incomplete-*` directory
 
 
 class DatasetError(ValueError):
@@ -37,12 +39,19 @@ def build(spec: tfds_builder.GenerationSpec, out_dir: str, *, overwrite: bool = 
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
+  if os.path.exists(out_dir) and not _replaceable(out_dir):
+    raise FileExistsError(f"{out_dir} exists and is not an ap_jax dataset (no {INFO_FILE}); --overwrite replaces "
+                          "only a dataset (or an empty directory): remove it yourself or choose another --out")
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
-  for stale in glob.glob(out_dir + ".incomplete-*"):
-    log.info("removing %s left by an interrupted build", stale)
-    shutil.rmtree(stale, ignore_errors=True)
   tmp_root = f"{out_dir}.incomplete-{uuid.uuid4().hex[:8]}"
+  os.makedirs(tmp_root)
+  with open(os.path.join(tmp_root, OWNER_FILE), "w") as f:
+    json.dump(dict(host=socket.gethostname(), pid=os.getpid()), f)
+  for stale in glob.glob(out_dir + ".incomplete-*"):
+    if stale != tmp_root and _abandoned(stale):
+      log.info("removing %s left by an interrupted build", stale)
+      shutil.rmtree(stale, ignore_errors=True)
   try:
     builder = tfds_builder.ApJaxRollouts(
         data_dir=tmp_root, config=tfds_builder.config_name_for(spec), spec=spec, file_format="array_record")
@@ -58,6 +67,32 @@ def build(spec: tfds_builder.GenerationSpec, out_dir: str, *, overwrite: bool = 
   finally:
     shutil.rmtree(tmp_root, ignore_errors=True)
   return out_dir
+
+
+def _replaceable(path: str) -> bool:
+  """--overwrite replaces a dataset or an empty directory, never a plain file or a directory of other things."""
+  if not os.path.isdir(path):
+    return False
+  return os.path.exists(os.path.join(path, INFO_FILE)) or not os.listdir(path)
+
+
+def _abandoned(tmp_dir: str) -> bool:
+  """Whether an `.incomplete-*` directory was left by a build that died (its process, on this host, is gone), and
+  not one that another process is writing right now (several hosts may build the same dataset at once)."""
+  try:
+    with open(os.path.join(tmp_dir, OWNER_FILE)) as f:
+      owner = json.load(f)
+  except (OSError, ValueError):
+    return False  # no readable owner yet: possibly being created this instant; leave it
+  if owner.get("host") != socket.gethostname():
+    return False
+  try:
+    os.kill(int(owner["pid"]), 0)
+  except ProcessLookupError:
+    return True
+  except (PermissionError, KeyError, ValueError, TypeError):
+    return False
+  return False
 
 
 @dataclasses.dataclass

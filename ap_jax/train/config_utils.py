@@ -23,6 +23,19 @@ class ConfigError(ValueError):
   """A config file, key or value that cannot be used."""
 
 
+def config_args(arg: str | None, known: Sequence[str]) -> set[str]:
+  """The comma-separated arguments after a config path's colon, e.g. `configs/tiny.py:autoencoder,runlocal`.
+  An unknown one is an error listing the known ones (a typo must not silently train the full config)."""
+  args = set((arg or "").split(",")) - {""}
+  unknown = sorted(args - set(known))
+  if unknown:
+    hints = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
+    raise ConfigError("unknown config argument(s) " + ", ".join(
+        f"{u!r}" + (f" (did you mean {hints[u][0]!r}?)" if hints[u] else "") for u in unknown)
+        + f"; this config knows: {', '.join(known)}")
+  return args
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Loads `path/to/config.py[:arg]`."""
   path, _, arg = spec.partition(":")

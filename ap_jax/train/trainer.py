@@ -19,6 +19,7 @@ restored iterator state, so a resumed run repeats exactly the losses of an unint
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -64,6 +65,25 @@ PEAK_FLOPS = {
 
 class TrainError(RuntimeError):
   pass
+
+
+class Stopped(Exception):
+  """A job of several stages (demo, compare) was asked to stop (SIGTERM / Ctrl-C) while one was training: that
+  stage saved a checkpoint, and the job stops instead of going on to the next stage with a half-trained one."""
+
+  def __init__(self, signal_name: str, what: str):
+    self.signal_name = signal_name
+    super().__init__(f"stopped by {signal_name} while training {what}; its checkpoint is saved, and the same "
+                     "command resumes the job")
+
+
+def train_stage(config: ml_collections.ConfigDict, workdir: str, *, what: str, progress: bool = True) -> dict:
+  """`train`, for a stage of a longer job: raises Stopped when a signal stopped it before `total_steps`."""
+  summary = train(config, workdir, progress=progress)
+  if summary.get("stopped_by"):
+    raise Stopped(summary["stopped_by"], f"{what} ({workdir}, step {summary['end_step']} of "
+                                         f"{summary['total_steps']})")
+  return summary
 
 
 # ---------------------------------------------------------------------------------------------------- stages
@@ -230,6 +250,13 @@ def build_data(config: ml_collections.ConfigDict, split: str = "train", latents:
   return iter(pipeline_lib.make_dataset(source, pipe))
 
 
+def close_iterator(iterator) -> None:
+  """Stops a Grain iterator's worker processes and threads (a no-op for iterators without any)."""
+  close = getattr(iterator, "close", None)
+  if close is not None:
+    close()
+
+
 # ----------------------------------------------------------------------------------------------------- state
 
 
@@ -371,6 +398,8 @@ def peak_flops(device) -> float | None:
 def load_autoencoder(config, mesh, rules) -> tuple[Any, dict]:
   """The trained autoencoder's EMA parameters and latent statistics, from `config.autoencoder_workdir`."""
   ae_dir = config.autoencoder_workdir
+  if ae_dir and not os.path.isdir(ae_dir):
+    raise TrainError(f"autoencoder_workdir {ae_dir} does not exist")
   if not ae_dir:
     raise TrainError("stage 'denoiser' needs --config.autoencoder_workdir=DIR, the workdir of a trained "
                      "autoencoder run (`ap-jax train --config ... --config.stage=autoencoder`)")
@@ -379,20 +408,20 @@ def load_autoencoder(config, mesh, rules) -> tuple[Any, dict]:
   stage = build_stage(ae_config)
   tx, _ = optim_lib.build_optimizer(ae_config.optim, int(ae_config.total_steps))
   _, _, abstract = build_state(ae_config, stage, tx, mesh, rules)
-  ckpt = checkpoint_lib.Checkpointer(ae_dir, async_save=False)
-  if ckpt.latest_step() is None:
-    raise TrainError(f"autoencoder_workdir {ae_dir} holds no checkpoint")
-  step = ckpt.latest_step()
-  meta = ckpt.read_meta(step)
-  if meta.get("fingerprint") != config_utils.model_fingerprint(ae_config):
-    raise TrainError(f"autoencoder_workdir {ae_dir} holds an autoencoder of another shape (fingerprint "
-                     f"{meta.get('fingerprint')}, this config's autoencoder is "
-                     f"{config_utils.model_fingerprint(ae_config)})")
-  import orbax.checkpoint as ocp
-
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-  ckpt.close()
-  params = restored["state"]["ema"]
+  with checkpoint_lib.Checkpointer(ae_dir, read_only=True) as ckpt:
+    found = ckpt.latest_meta()
+    if found is None:
+      raise TrainError(f"autoencoder_workdir {ae_dir} holds no checkpoint yet: train the autoencoder there first")
+    _, meta = found
+    if meta.get("fingerprint") != config_utils.model_fingerprint(ae_config):
+      raise TrainError(f"autoencoder_workdir {ae_dir} holds an autoencoder of another shape (fingerprint "
+                       f"{meta.get('fingerprint')}, this config's autoencoder is "
+                       f"{config_utils.model_fingerprint(ae_config)})")
+    restored = ckpt.restore_latest(abstract)
+  if restored is None:
+    raise TrainError(f"autoencoder_workdir {ae_dir}: no checkpoint restores cleanly (see the warnings above)")
+  step, state, meta = restored
+  params = state["ema"]
   log.info("loaded autoencoder EMA parameters from %s (step %d)", ae_dir, step)
   return params, meta
 
@@ -451,6 +480,7 @@ class MetricsWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
+      drop_torn_line(self.path)
       try:
         from tensorboardX import SummaryWriter
 
@@ -472,6 +502,38 @@ class MetricsWriter:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
+
+
+def drop_torn_line(path: str) -> None:
+  """A crash mid-write leaves a last line without its newline: cut it (with a warning), so the next record starts
+  on a line of its own."""
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return
+  with open(path, "rb+") as f:
+    f.seek(-1, os.SEEK_END)
+    if f.read(1) == b"\n":
+      return
+    f.seek(0)
+    data = f.read()
+    keep = data.rfind(b"\n") + 1
+    log.warning("%s: the last line was cut by an interrupted write (%r); dropping it", path,
+                data[keep:keep + 80].decode(errors="replace"))
+    f.truncate(keep)
+
+
+def read_metrics(path: str) -> list[dict]:
+  """The records of a metrics.jsonl, skipping (and reporting) lines that do not parse, such as a torn last line."""
+  records = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        log.warning("%s line %d does not parse (%s); skipping it", path, number, e)
+  return records
 
 
 def plot_losses(workdir: str) -> str | None:
@@ -485,10 +547,11 @@ def plot_losses(workdir: str) -> str | None:
   import matplotlib.pyplot as plt
 
   by_step = {}
-  with open(path) as f:
-    for line in f:
-      rec = json.loads(line)
+  for rec in read_metrics(path):
+    if "step" in rec:
       by_step[rec["step"]] = rec  # a resumed run rewrites steps it repeats
+  if not by_step:
+    return None
   steps = sorted(by_step)
   keys = [k for k in ("loss", "video_loss", "coord_loss", "l1", "mse") if k in by_step[steps[-1]]]
   fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -507,7 +570,15 @@ def plot_losses(workdir: str) -> str | None:
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False,
           progress: bool = True) -> dict:
-  """Trains `config.stage` in `workdir`, resuming from its newest good checkpoint. Returns a summary dict."""
+  """Trains `config.stage` in `workdir`, resuming from its newest good checkpoint. Returns a summary dict
+  (`stopped_by` is set when SIGTERM / Ctrl-C stopped the run before `total_steps`). SIGTERM and Ctrl-C are
+  caught from the first line (a stop during set-up exits before the first step), and everything opened is closed
+  on every exit path, errors included."""
+  with StopSignal() as stop, contextlib.ExitStack() as resources:
+    return _train(config, workdir, fresh=fresh, progress=progress, stop=stop, resources=resources)
+
+
+def _train(config, workdir, *, fresh, progress, stop, resources) -> dict:
   if config.stage not in STAGES:
     raise config_utils.ConfigError(f"stage = {config.stage!r}, expected one of {STAGES}")
   os.makedirs(workdir, exist_ok=True)
@@ -528,9 +599,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = Fals
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices("ap_jax fresh workdir")
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints),
-                                     keep_period=int(config.keep_period) or None,
-                                     async_save=bool(config.async_checkpointing))
+  ckpt = resources.enter_context(checkpoint_lib.Checkpointer(
+      workdir, keep=int(config.keep_checkpoints), keep_period=int(config.keep_period) or None,
+      async_save=bool(config.async_checkpointing)))
   latest = ckpt.latest_step()
   old: dict = {}
   if latest is not None:
@@ -574,16 +645,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = Fals
 
   start_step = 0
   restored = ckpt.restore_latest(abstract_state, data_iter) if latest is not None else None
+  good_checkpoint = None  # what a NaN error names: the newest checkpoint known to hold finite, verified state
   if restored is not None:
-    start_step, state, _ = restored
+    start_step, state, restored_meta = restored
+    good_checkpoint = (f"step {start_step}, restored at the start of this run "
+                       + ("with its checksums verified" if restored_meta.get("verified") else
+                          "(written without checksums, unverified)"))
     log.info("resumed from %s at step %d", ckpt.directory, start_step)
     if cache_latents and finished and start_step < int(config.total_steps):
       # The newest checkpoint was damaged and an earlier one restored: this run trains after all.
       position = data_iter.get_state()
+      close_iterator(data_iter)
       data_iter = build_data(config, latents=encoded_latents())
       data_iter.set_state(position)
   else:
     state = init_fn(jax.random.PRNGKey(int(config.seed)))
+  resources.callback(close_iterator, data_iter)  # stops Grain's worker processes (data.worker_count)
   if stage.frozen is not None:
     stage.frozen = jax.device_put(stage.frozen, sharding_lib.tree_shardings(stage.frozen_axes, mesh, rules,
                                                                             shapes=stage.frozen))
@@ -617,6 +694,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = Fals
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_utils.to_json(config))
   writer = MetricsWriter(workdir, is_main)
+  resources.callback(writer.close)
 
   def save(step_now: int, force: bool = False):
     meta_now = dict(stage.meta, fingerprint=fingerprint, stage=stage.name, model_name=config.get("model_name"),
@@ -630,22 +708,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = Fals
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=start_step, desc=f"train {stage.name}", unit="step", dynamic_ncols=True)
+    resources.callback(bar.close)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   step = start_step
   last_time, last_step = time.perf_counter(), step
   history = []
   stopped_by = None
-  with StopSignal() as stop:
+  if stop.should_stop():  # asked to stop while setting up: no step was taken, nothing new to save
+    stopped_by = stop.received or "another process"
+    log.warning("stopped by %s before the first step (at step %d); nothing new to save", stopped_by, step)
+  else:
     while step < total:
       local = next(data_iter)
       batch = pipeline_lib.global_batch({k: local[k] for k in stage.batch_keys}, batch_sharding)
       state, metrics = step_fn(state, batch, stage.frozen)
       step += 1
-      loss = float(metrics["loss"])
-      if not math.isfinite(loss):
-        ckpt.wait()
-        raise TrainError(f"loss is {loss} at step {step}; stopping. The last good checkpoint "
-                         f"(step {ckpt.latest_step()}) is intact in {ckpt.directory}")
+      loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        ckpt.wait()  # the state after this step is never saved: a NaN gradient would have made its parameters NaN
+        raise TrainError(
+            f"loss is {loss} (gradient norm {grad_norm}) at step {step}; stopping without saving. "
+            + (f"The newest good checkpoint is {good_checkpoint}, in {ckpt.directory}; a relaunch resumes from it "
+               "and verifies its checksums." if good_checkpoint else "No checkpoint was written before it."))
       if step % log_every == 0 or step == total:
         now = time.perf_counter()
         dt = (now - last_time) / max(1, step - last_step)
@@ -663,16 +747,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = Fals
         bar.update(1)
       if step % ckpt_every == 0 or step == total:
         save(step)
+        good_checkpoint = f"step {step}, saved by this run after finite losses (with checksums of its arrays)"
       if stop.should_stop():
         stopped_by = stop.received or "another process"
         if ckpt.latest_step() != step:
           save(step, force=True)
+          good_checkpoint = f"step {step}"
         log.warning("stopped by %s after step %d; checkpoint saved", stopped_by, step)
         break
-  ckpt.close()
-  writer.close()
-  if bar is not None:
-    bar.close()
+  ckpt.close()  # waits for the last asynchronous save
   if is_main:
     plot_losses(workdir)
   summary.update(end_step=step, stopped_by=stopped_by, history=history)
@@ -728,26 +811,28 @@ class TrainedModel:
 def load_trained(workdir: str, mesh=None, rules=None, *, use_ema: bool = True) -> TrainedModel:
   """Loads a trained denoiser (EMA weights by default) and its autoencoder, laid out on `mesh` (default: one
   device, replicated), for sampling and evaluation."""
-  ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise TrainError(f"{workdir} holds no checkpoint: train a denoiser there first (`ap-jax train`)")
-  meta = ckpt.read_meta(step)
-  if meta.get("stage") != "denoiser":
-    raise TrainError(f"{workdir} holds a {meta.get('stage')!r} checkpoint; sampling needs a denoiser workdir")
-  config = ml_collections.ConfigDict(meta["config"])
-  if mesh is None:
-    config.mesh.data, config.mesh.fsdp, config.mesh.context, config.mesh.tensor = 1, 1, 1, 1
-    mesh = mesh_lib.build_mesh(config.mesh, devices=jax.devices()[:1])
-  rules = rules or mesh_lib.rules_from_config(config)
-  vae_params, _ = load_autoencoder(config, mesh, rules)
-  stage = build_stage(config, frozen=vae_params, meta=meta)
-  tx, _ = optim_lib.build_optimizer(config.optim, int(config.total_steps))
-  _, _, abstract = build_state(config, stage, tx, mesh, rules)
-  import orbax.checkpoint as ocp
-
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-  ckpt.close()
-  params = restored["state"]["ema" if use_ema else "params"]
+  if not os.path.isdir(workdir):
+    raise TrainError(f"workdir {workdir} does not exist")
+  with checkpoint_lib.Checkpointer(workdir, read_only=True) as ckpt:
+    found = ckpt.latest_meta()
+    if found is None:
+      raise TrainError(f"{workdir} holds no checkpoint yet: train a denoiser there first (`ap-jax train`)")
+    _, meta = found
+    if meta.get("stage") != "denoiser":
+      raise TrainError(f"{workdir} holds a {meta.get('stage')!r} checkpoint; sampling needs a denoiser workdir")
+    config = ml_collections.ConfigDict(meta["config"])
+    if mesh is None:
+      config.mesh.data, config.mesh.fsdp, config.mesh.context, config.mesh.tensor = 1, 1, 1, 1
+      mesh = mesh_lib.build_mesh(config.mesh, devices=jax.devices()[:1])
+    rules = rules or mesh_lib.rules_from_config(config)
+    vae_params, _ = load_autoencoder(config, mesh, rules)
+    stage = build_stage(config, frozen=vae_params, meta=meta)
+    tx, _ = optim_lib.build_optimizer(config.optim, int(config.total_steps))
+    _, _, abstract = build_state(config, stage, tx, mesh, rules)
+    found = ckpt.restore_latest(abstract)
+  if found is None:
+    raise TrainError(f"{workdir}: no checkpoint restores cleanly (see the warnings above)")
+  step, state, _ = found
+  params = state["ema" if use_ema else "params"]
   return TrainedModel(config=config, model_config=stage.model_config, params=params, vae_params=vae_params,
                       step=step)
