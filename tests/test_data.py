@@ -141,15 +141,13 @@ def test_interrupted_build_leaves_no_dataset(tmp_path, monkeypatch):
 def test_killed_build_process_leaves_no_dataset(tmp_path):
   out = str(tmp_path / "killed")
   proc = subprocess.Popen([sys.executable, "-m", "ap_jax", "data", "--episodes", "50000", "--steps", "8",
-                           "--out", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           "--out", out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   try:
-    deadline = time.time() + 120
-    # TFDS buffers examples before writing shards: kill while episodes are being generated and written.
-    while not glob.glob(os.path.join(out + ".incomplete-*", "*", "*", "*", "*")):
-      assert time.time() < deadline and proc.poll() is None, "the build never started"
+    # Kill as soon as TFDS has started writing shard files (an event, not a deadline: a busy machine is slow to
+    # get there, but 50,000 episodes cannot finish before the first shard appears).
+    while not glob.glob(os.path.join(out + ".incomplete-*", "*", "*", "*", "*.array_record*")):
+      assert proc.poll() is None, f"the build exited before writing: {proc.stderr.read()[-2000:]}"
       time.sleep(0.2)
-    time.sleep(3.0)
-    assert proc.poll() is None, "the build finished before it could be interrupted"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
   finally:
@@ -159,9 +157,36 @@ def test_killed_build_process_leaves_no_dataset(tmp_path):
   [partial] = glob.glob(out + ".incomplete-*")
   with pytest.raises(dataset.DatasetError, match="unfinished build"):
     dataset.read_info(partial)
-  # The next build clears the leftovers.
+  # The next build on this host clears the leftovers of the dead build (its owner process is gone) ...
   dataset.build(tfds_builder.GenerationSpec(episodes=3, steps=2), out)
   assert os.path.exists(os.path.join(out, "dataset_info.json")) and not glob.glob(out + ".incomplete-*")
+
+
+def test_a_build_in_progress_is_not_removed_by_another(tmp_path):
+  # ... but not a directory whose writer is alive (several processes may build the same dataset at once).
+  out = str(tmp_path / "busy")
+  alive = out + ".incomplete-other"
+  os.makedirs(alive)
+  with open(os.path.join(alive, dataset.OWNER_FILE), "w") as f:
+    f.write('{"host": "%s", "pid": %d}' % (__import__("socket").gethostname(), os.getppid()))
+  dataset.build(tfds_builder.GenerationSpec(episodes=3, steps=2), out)
+  assert os.path.isdir(alive)
+
+
+def test_overwrite_replaces_only_a_dataset(data_dir, tmp_path):
+  plain = tmp_path / "notes.txt"
+  plain.write_text("keep me")
+  other = tmp_path / "photos"
+  other.mkdir()
+  (other / "a.jpg").write_bytes(b"x")
+  spec = tfds_builder.GenerationSpec(episodes=3, steps=2)
+  for path in (plain, other):
+    with pytest.raises(FileExistsError, match="is not an ap_jax dataset"):
+      dataset.build(spec, str(path), overwrite=True)
+  assert plain.read_text() == "keep me" and (other / "a.jpg").exists()
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert os.path.exists(os.path.join(dataset.build(spec, str(empty), overwrite=True), dataset.INFO_FILE))
 
 
 def _copy(src, dst):

@@ -529,3 +529,12 @@ def test_unknown_config_arguments_are_errors():
     with pytest.raises(config_utils.ConfigError, match=r"unknown config argument\(s\) 'runlocl' \(did you mean "
                                                        r"'runlocal'\?\); this config knows: autoencoder, runlocal"):
       config_utils.load_config(os.path.join(ROOT, "configs", f"{name}.py") + ":autoencoder,runlocl")
+
+
+def test_sigkill_at_random_points_and_during_saves_resumes_bit_exact(straight_run, tmp_path):
+  from ap_jax.bench import crash_soak
+
+  workdir = str(tmp_path / "soak")
+  records = crash_soak.run_soak(workdir, kills=2, total=20, seed=1)
+  assert records[0]["save_in_flight"], "the first kill is meant to land while a save is being written"
+  assert crash_soak.mismatches(crash_soak.logged_losses(workdir), straight_run, 20) == []

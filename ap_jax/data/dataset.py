@@ -4,7 +4,7 @@ A dataset directory holds what TFDS writes for one built config: `dataset_info.j
 or more `ap_jax_rollouts-<split>.array_record-NNNNN-of-MMMMM` files per split. `build` writes everything into a
 sibling temporary directory and renames it into place only when every split is complete, so an interrupted run
 leaves no directory that a reader could take for a whole dataset (at worst a `*.incomplete-*` directory, which
-readers refuse and the next build removes).
+readers refuse and the next build on the same host removes once the process that wrote it is gone).
 """
 
 from __future__ import annotations
