@@ -532,7 +532,7 @@ def test_unknown_config_arguments_are_errors():
 
 
 def test_sigkill_at_random_points_and_during_saves_resumes_bit_exact(straight_run, tmp_path):
-  from ap_jax.bench import crash_soak
+  from benchmarks import crash_soak
 
   workdir = str(tmp_path / "soak")
   records = crash_soak.run_soak(workdir, kills=2, total=20, seed=1)

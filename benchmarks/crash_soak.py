@@ -1,11 +1,11 @@
 """Crash soak: SIGKILL a training run at random points (some while an asynchronous save is in flight), resume it
 each time, and check that every logged loss equals the uninterrupted run's bit for bit.
 
-  python -m ap_jax.bench.crash_soak --kills 20 --json soak.json
+  python benchmarks/crash_soak.py [--kills 20] [--out benchmarks/results/crash_soak.json]
 
 Prints one row per kill (the step the run had logged, whether a save was being written, the step it resumed
 from) and a verdict, and writes the same as JSON. The run is the tiny autoencoder shrunk to seconds per process
-start (the same code path as `configs/tiny.py`); tests/test_train.py runs it with two kills.
+start (the same code path as `configs/tiny.py`); tests/test_train.py runs `run_soak` with two kills.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 SMALL_AE = ["--config.model.vae.channels=8", "--config.model.vae.latent_channels=4", "--config.data.clip_steps=1",
             "--config.data.global_batch_size=8", "--config.optim.warmup_steps=0", "--config.log_every=1"]
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
   parser.add_argument("--kills", type=int, default=20)
   parser.add_argument("--total-steps", type=int, default=60)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--json", default=None, help="write the records and verdict here")
+  parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "crash_soak.json"))
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
     straight_dir, soak_dir = os.path.join(tmp, "straight"), os.path.join(tmp, "soak")
@@ -120,10 +120,10 @@ def main(argv=None) -> int:
         f"against the uninterrupted run ({time.time() - start:.0f}s)")
   for p in problems[:20]:
     print("  ", p)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(kills=records, total_steps=args.total_steps, seed=args.seed, bit_exact=not problems,
-                     problems=problems), f, indent=2)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(dict(kills=records, total_steps=args.total_steps, seed=args.seed, bit_exact=not problems,
+                   problems=problems), f, indent=2)
   return 0 if not problems else 1
 
 

@@ -1,1 +1,0 @@
-"""Benchmark-style scripts: each prints a table and writes JSON (never timed assertions in tests)."""
