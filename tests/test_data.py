@@ -138,6 +138,7 @@ def test_interrupted_build_leaves_no_dataset(tmp_path, monkeypatch):
   assert not glob.glob(out + ".incomplete-*")
 
 
+@pytest.mark.slow  # generates episodes until killed; CI runs it in its slow step
 def test_killed_build_process_leaves_no_dataset(tmp_path):
   out = str(tmp_path / "killed")
   proc = subprocess.Popen([sys.executable, "-m", "ap_jax", "data", "--episodes", "50000", "--steps", "8",

@@ -480,3 +480,46 @@ def test_displacement_target_predicts_the_state_relative_to_the_previous_frame()
   cfg.flow.coord_prior = "standard"
   with pytest.raises(ValueError, match="coord_target = 'displacement' needs"):
     dit.training_inputs(cfg, batch, jax.random.key(1))
+
+
+def _own_context_config(prob, max_time=0.5):
+  cfg = small_config(previous_frame_input=True, context_tokens=False)
+  cfg.flow.update(dict(coord_prior="previous", coord_noise_std=0.25, coord_target="displacement",
+                       own_context_prob=prob, own_context_max_time=max_time))
+  return cfg
+
+
+def test_own_context_trains_the_second_step_from_the_models_own_first_step():
+  """flow.own_context_prob: a 2-step clip becomes the clip of its second step, whose context frame is the model's
+  own estimate of frame 1 (latents x_t - t v at t <= own_context_max_time, and the predicted state)."""
+  batch = _batch(small_config())  # F = 3 frames: 2 steps
+  params = dit.init(jax.random.key(0), _own_context_config(1.0))
+  canvas = LATENT_HW * config_lib.compression(small_config())
+  true_states = dit.positions_to_coords(batch["positions"], (canvas, canvas))
+  # Never picked: exactly the clip of frames 1 and 2.
+  never = dit.own_context_batch(params, _own_context_config(1e-12), batch, jax.random.key(1))
+  np.testing.assert_array_equal(never["latents"], batch["latents"][:, 1:])
+  np.testing.assert_allclose(never["states"], true_states[:, 1:], atol=1e-6)
+  assert never["actions"].shape == (B, 1, P)
+  np.testing.assert_array_equal(never["actions"], batch["actions"][:, 1:])
+  # Always picked at t = 0: frame 1's latents are its own clean input (x_0 - 0 v), its state is the prediction.
+  always = dit.own_context_batch(params, _own_context_config(1.0, max_time=0.0), batch, jax.random.key(1))
+  np.testing.assert_allclose(always["latents"][:, 0], batch["latents"][:, 1], atol=1e-6)
+  first = dict(latents=batch["latents"][:, :2], positions=batch["positions"][:, :2], actions=batch["actions"][:, :1],
+               player_mask=batch["player_mask"])
+  inputs, _, _ = dit.training_inputs(_own_context_config(1.0), first, jax.random.key(0),
+                                     jnp.zeros((B, 2), jnp.float32))
+  predicted = run(_own_context_config(1.0), params, inputs)["coords"][:, 0]
+  np.testing.assert_allclose(always["states"][:, 0], predicted, atol=1e-5)
+  np.testing.assert_allclose(always["states"][:, 1], true_states[:, 2], atol=1e-6)
+  # The loss trains on it, and no gradient flows through the estimate.
+  cfg = _own_context_config(0.5)
+  loss, metrics = dit.loss_fn(params, cfg, batch, jax.random.key(2))
+  assert np.isfinite(float(loss)) and set(metrics) == {"loss", "video_loss", "coord_loss"}
+  grads = jax.grad(lambda p: dit.loss_fn(p, cfg, batch, jax.random.key(2))[0])(params)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+  with pytest.raises(ValueError, match="needs clips of 2 steps"):
+    dit.own_context_batch(params, cfg, {k: (v[:, :2] if k in ("latents", "positions") else v)
+                                        for k, v in batch.items()}, jax.random.key(0))
+  with pytest.raises(ValueError, match="needs dit.previous_frame_input = True, dit.context_tokens = False"):
+    dit.own_context_batch(params, small_config(previous_frame_input=True), batch, jax.random.key(0))

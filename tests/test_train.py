@@ -84,8 +84,9 @@ def _one_step(config, stage, devices, batch_np, steps=2):
   return losses, jax.device_get(state["params"]), state
 
 
-@pytest.mark.parametrize("mesh", [dict(data=8), dict(fsdp=8), dict(data=2, fsdp=2, tensor=2)],
-                         ids=["data8", "fsdp8", "data2_fsdp2_tensor2"])
+@pytest.mark.parametrize("mesh", [pytest.param(dict(data=8), marks=pytest.mark.slow),
+                                  pytest.param(dict(fsdp=8), marks=pytest.mark.slow), dict(data=2, fsdp=2, tensor=2)],
+                         ids=["data8", "fsdp8", "data2_fsdp2_tensor2"])  # the default run keeps the mixed mesh
 def test_sharded_denoiser_step_matches_single_device(mesh):
   config = make_config("runlocal", SMALL_DIT + EQUIVALENCE + [f"--config.mesh.{k}={v}" for k, v in
                                                 dict(dict(data=1, fsdp=1, context=1, tensor=1), **mesh).items()])
@@ -184,11 +185,12 @@ def straight_run(straight_dir):
   return read_losses(straight_dir)
 
 
+@pytest.mark.slow  # a few training processes; CI runs it in its slow step
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_interrupted_and_resumed_run_repeats_the_losses(sig, straight_run, tmp_path):
   workdir = str(tmp_path / "run")
   code = _interrupt_at(_train_cmd(workdir, 20), workdir, 11, sig)
-  saved = checkpoint_lib.Checkpointer(workdir, async_save=False).all_steps()
+  saved = checkpoint_lib.Checkpointer(workdir, read_only=True).all_steps()
   if sig == signal.SIGTERM:
     assert code == 0, "SIGTERM should finish the step, save and exit cleanly"
     assert max(saved) >= 11, f"no checkpoint at the interrupted step: {saved}"
@@ -202,6 +204,7 @@ def test_interrupted_and_resumed_run_repeats_the_losses(sig, straight_run, tmp_p
       assert value == straight_run[step][0], f"step {step}: {value} != {straight_run[step][0]}"
 
 
+@pytest.mark.slow  # a few training processes; CI runs it in its slow step
 def test_damaged_checkpoint_is_skipped_for_the_previous_one(straight_run, tmp_path):
   workdir = str(tmp_path / "damaged")
   _interrupt_at(_train_cmd(workdir, 20), workdir, 11, signal.SIGKILL)  # checkpoints at steps 5 and 10
@@ -255,6 +258,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a few training processes; CI runs it in its slow step
 def test_two_processes_match_one(straight_run, tmp_path):
   # 2 processes x 4 CPU devices: the same 8-device mesh and global batches as the single-process straight run.
   multi = str(tmp_path / "multi")
@@ -329,11 +333,10 @@ def _tree_listing(path):
   return sorted(out)
 
 
-def test_readers_never_modify_a_workdir(straight_dir, tmp_path):
-  import shutil
-
+def test_readers_never_modify_a_workdir(tmp_path):
   workdir = str(tmp_path / "w")
-  shutil.copytree(straight_dir, workdir)
+  trainer.train(make_config(overrides=["--config.total_steps=4", "--config.checkpoint_every=2"]), workdir,
+                progress=False)
   # What a run writing its next checkpoint has on disk: Orbax's in-flight temporary folder.
   inflight = os.path.join(workdir, "checkpoints", "25.orbax-checkpoint-tmp-1700000000", "state")
   os.makedirs(inflight)
@@ -342,7 +345,7 @@ def test_readers_never_modify_a_workdir(straight_dir, tmp_path):
   config = make_config("runlocal", [f"--config.autoencoder_workdir={workdir}"])
   mesh = mesh_lib.build_mesh(config.mesh, devices=jax.devices()[:1])
   params, meta = trainer.load_autoencoder(config, mesh, mesh_lib.rules_from_config(config))
-  assert meta["step"] == 20 and jax.tree.leaves(params)
+  assert meta["step"] == 4 and jax.tree.leaves(params)
   assert _tree_listing(workdir) == before, "a reader changed the workdir"
   # Missing paths are named as missing, and nothing is created.
   from ap_jax import cli
@@ -365,6 +368,7 @@ def test_readers_never_modify_a_workdir(straight_dir, tmp_path):
   assert not os.path.exists(tmp_path / "no_ae")
 
 
+@pytest.mark.slow  # a few training processes; CI runs it in its slow step
 def test_reading_while_a_run_saves_every_step_does_not_disturb_it(straight_run, tmp_path):
   # The reproduction: a reader polls the workdir of a run that saves (asynchronously) every step.
   workdir = str(tmp_path / "live")
@@ -392,6 +396,7 @@ def test_reading_while_a_run_saves_every_step_does_not_disturb_it(straight_run, 
   assert read_losses(workdir) == {k: v[:1] for k, v in straight_run.items()}
 
 
+@pytest.mark.slow  # a few training processes; CI runs it in its slow step
 def test_grain_worker_processes_from_the_command_line_resume_exactly(straight_run, tmp_path):
   workdir = str(tmp_path / "workers")
   workers = ["--config.data.worker_count=1"]
@@ -408,6 +413,7 @@ def _checkpoint_state_files(workdir, step):
   return [os.path.join(r, f) for r, _, fs in os.walk(root) for f in fs if os.path.getsize(os.path.join(r, f))]
 
 
+@pytest.mark.slow  # a few training processes; CI runs it in its slow step
 def test_checksums_catch_damage_that_still_parses(straight_run, tmp_path):
   workdir = str(tmp_path / "flipped")
   _interrupt_at(_train_cmd(workdir, 20), workdir, 11, signal.SIGKILL)  # checkpoints at steps 5 and 10
@@ -429,6 +435,7 @@ def test_checksums_catch_damage_that_still_parses(straight_run, tmp_path):
     assert resumed[step][-1] == straight_run[step][0], f"step {step}"
 
 
+@pytest.mark.slow  # a few training processes; CI runs it in its slow step
 def test_flipped_bytes_in_a_state_file_are_caught(straight_run, tmp_path):
   workdir = str(tmp_path / "bytes")
   _interrupt_at(_train_cmd(workdir, 20), workdir, 11, signal.SIGKILL)
@@ -531,6 +538,7 @@ def test_unknown_config_arguments_are_errors():
       config_utils.load_config(os.path.join(ROOT, "configs", f"{name}.py") + ":autoencoder,runlocl")
 
 
+@pytest.mark.slow  # a few training processes; CI runs it in its slow step
 def test_sigkill_at_random_points_and_during_saves_resumes_bit_exact(straight_run, tmp_path):
   from benchmarks import crash_soak
 

@@ -117,6 +117,13 @@ def _flow():
       # Probability that a clip is trained with all actions replaced by the NULL action (dit.null_action_id),
       # which enables classifier-free guidance on actions at sampling time. 0 = the paper's plain training.
       action_dropout=0.0,
+      # Own-output context (ours, against rollout drift): clips of 2 steps (data.clip_steps = 2); for this fraction
+      # of them the model first estimates frame 1 from frame 0 in one pass at a flow time ~ U[0,
+      # own_context_max_time] (no gradient), then trains the step 1 -> 2 reading that estimate, latents and state,
+      # as its previous frame, the way a sampler feeds back what it generated. The rest train 1 -> 2 from the
+      # true frame 1. Needs dit.previous_frame_input, dit.context_tokens = False, coord_target = "displacement".
+      own_context_prob=0.0,
+      own_context_max_time=0.5,
   ))
 
 

@@ -502,7 +502,10 @@ def training_inputs(config: ml_collections.ConfigDict, batch: dict[str, jax.Arra
   if times is None:
     times = flow_lib.sample_frame_times(rng_t, b, f, config.flow)
   canvas = (h * config_lib.compression(config), w * config_lib.compression(config))
-  coords0 = subject_state(batch["positions"], batch.get("orientations"), canvas, config)
+  if "states" in batch:  # subject states given directly (own_context_batch: a generated one for frame 0)
+    coords0 = batch["states"].astype(jnp.float32)
+  else:
+    coords0 = subject_state(batch["positions"], batch.get("orientations"), canvas, config)
   noise_v = jax.random.normal(rng_v, latents.shape)
   noise_c = jax.random.normal(rng_c, coords0.shape)
   player_mask = batch["player_mask"].astype(bool)
@@ -595,12 +598,55 @@ def subject_region_weight(config: ml_collections.ConfigDict, positions_BFP2: jax
   return 1.0 + config.flow.subject_loss_weight * (occupied | previous).astype(jnp.float32)
 
 
+def own_context_batch(params: Params, config: ml_collections.ConfigDict, batch: dict[str, jax.Array],
+                      rng: jax.Array) -> dict[str, jax.Array]:
+  """flow.own_context_prob: a batch of 2-step clips (latents [B, 3, ...]) -> a batch of 1-step clips (frames 1, 2)
+  whose context frame is, for a random fraction of the clips, the model's own one-pass estimate of frame 1 from
+  frame 0 (latents and subject state; no gradient flows through it), and otherwise the true frame 1. The
+  returned batch carries `states` (the subject states of its two frames), which `training_inputs` uses as is."""
+  flow = config.flow
+  if batch["latents"].shape[1] != 3:
+    raise ValueError(f"flow.own_context_prob needs clips of 2 steps (data.clip_steps = 2, latents [B, 3, ...]), "
+                     f"got latents of shape {batch['latents'].shape}")
+  if (not config.dit.previous_frame_input or config.dit.context_tokens
+      or flow.get("coord_target", "velocity") != "displacement" or not config.dit.subject_tokens):
+    raise ValueError("flow.own_context_prob needs dit.previous_frame_input = True, dit.context_tokens = False, "
+                     "dit.subject_tokens = True and flow.coord_target = 'displacement'")
+  latents = batch["latents"].astype(jnp.float32)
+  b, _, h, w, _ = latents.shape
+  canvas = (h * config_lib.compression(config), w * config_lib.compression(config))
+  states = subject_state(batch["positions"], batch.get("orientations"), canvas, config)
+  first = dict(latents=latents[:, :2], positions=batch["positions"][:, :2], actions=batch["actions"][:, :1],
+               player_mask=batch["player_mask"], states=states[:, :2])
+  rng_t, rng_n, rng_pick = jax.random.split(rng, 3)
+  t = jax.random.uniform(rng_t, (b,)) * float(flow.own_context_max_time)
+  times = jnp.stack([jnp.zeros((b,)), t], axis=1)  # a clean frame 0, frame 1 noised to t
+  inputs, _, _ = training_inputs(config, first, rng_n, times)
+  out = apply(jax.lax.stop_gradient(params), config, inputs)
+  # x_t = (1 - t) x0 + t noise and v = noise - x0, so x0 = x_t - t v; the state head predicts the clean state.
+  est_latents = jax.lax.stop_gradient(inputs["latents"][:, 0] - t[:, None, None, None] * out["video"][:, 0])
+  est_states = jax.lax.stop_gradient(out["coords"][:, 0])
+  pick = jax.random.bernoulli(rng_pick, float(flow.own_context_prob), (b,))
+  frame1 = jnp.where(pick[:, None, None, None], est_latents, latents[:, 1])
+  state1 = jnp.where(pick[:, None, None], est_states, states[:, 1])
+  second = dict(latents=jnp.stack([frame1, latents[:, 2]], axis=1), positions=batch["positions"][:, 1:],
+                actions=batch["actions"][:, 1:], player_mask=batch["player_mask"],
+                states=jnp.stack([state1, states[:, 2]], axis=1))
+  if "orientations" in batch:
+    second["orientations"] = batch["orientations"][:, 1:]
+  return second
+
+
 def loss_fn(params: Params, config: ml_collections.ConfigDict, batch: dict[str, jax.Array], rng: jax.Array):
   """Flow-matching loss of the denoiser on one batch: (loss, metrics).
 
   Video velocity MSE over the target frames (frames >= num_context_frames) plus coord_loss_weight times the
-  coordinate velocity MSE over real players of the target frames.
+  coordinate velocity MSE over real players of the target frames. With flow.own_context_prob, the batch's 2-step
+  clips first become 1-step clips whose context is partly the model's own estimate (own_context_batch).
   """
+  if config.flow.get("own_context_prob", 0.0) > 0:
+    rng, rng_own = jax.random.split(rng)
+    batch = own_context_batch(params, config, batch, rng_own)
   inputs, targets, times = training_inputs(config, batch, rng)
   out = apply(params, config, inputs)
   b, f = times.shape

@@ -775,8 +775,12 @@ def analytic_step_flops(config, stage: Stage) -> float:
     return flops_lib.vae_train_step_flops(stage.model_config, b * frames, (crop, crop) if crop else hw)
   encode = 0.0 if "latents" in stage.batch_keys else flops_lib.vae_forward_flops(stage.model_config, b * frames, hw,
                                                                                   decoder=False)
-  return encode + flops_lib.denoiser_train_step_flops(stage.model_config, b, dit_frames,
-                                                      flops_lib.latent_hw(stage.model_config, hw))
+  latent_hw = flops_lib.latent_hw(stage.model_config, hw)
+  if stage.model_config.flow.get("own_context_prob", 0.0) > 0:
+    # A 2-step clip trains one transition after one forward pass that estimates its context frame.
+    return (encode + flops_lib.denoiser_train_step_flops(stage.model_config, b, 1, latent_hw)
+            + flops_lib.denoiser_forward_flops(stage.model_config, b, 1, latent_hw)["total"])
+  return encode + flops_lib.denoiser_train_step_flops(stage.model_config, b, dit_frames, latent_hw)
 
 
 def _tokens_per_example(config, stage: Stage) -> int:
@@ -791,6 +795,8 @@ def _tokens_per_example(config, stage: Stage) -> int:
   per_side = model_config_lib.pixels_per_token(stage.model_config)
   subjects = int(config.model.max_players) if stage.model_config.dit.subject_tokens else 0
   frames -= 0 if stage.model_config.dit.get("context_tokens", True) else 1
+  if stage.model_config.flow.get("own_context_prob", 0.0) > 0:
+    frames = 1  # the trained sequence is the clip's last transition
   return frames * ((h // per_side) * (w // per_side) + subjects)
 
 
