@@ -79,7 +79,7 @@ def _sampler(trained, denoise_steps: int):
   return sample_lib.Sampler.from_trained(trained, denoise_steps=denoise_steps)
 
 
-def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps: int = 1200,
+def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps: int = 3600,
              eval_episodes: int = 24, eval_steps: int = 16, denoise_steps: int = 10, seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
   """The main job on the built-in game; returns (and writes) `results.json`'s contents."""
@@ -134,7 +134,7 @@ def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps:
   return results
 
 
-def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps: int = 1200,
+def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps: int = 3600,
                    variants: Sequence[str] | None = None, eval_players: tuple[int, int] = (1, 8),
                    episodes_per_count: int = 6, eval_steps: int = 8, denoise_steps: int = 10, seed: int = 0,
                    progress: bool = True) -> dict[str, Any]:
