@@ -6,11 +6,11 @@ Autoencoder, then denoiser (the denoiser reads the autoencoder's workdir):
   ap-jax train --config configs/tiny.py --workdir runs/tiny/dit --config.autoencoder_workdir=runs/tiny/ae
 
 Hardware: 2 CPU cores (float32). First use generates the built-in dataset (2,000 episodes of 16 steps, 2-4
-players, 64x64 frames) into ~/.cache/ap_jax (about 10 s). Measured on 2 CPU cores (`ap-jax demo`, 17.8 min end to
-end): the autoencoder, 1,200 steps in 4.7 min (0.22 s/step); the denoiser, 1.8 min to encode the training episodes
-once, then 1,200 steps of batch 48 in 10.6 min (0.5 s/step). On 24 held-out test episodes of 16 steps it scores
-movement accuracy 0.661 and subject preservation 0.792 (first step 0.929 / 0.971; holding the initial frame:
-0.460 / 1.0). README "The main job and the comparison"; the recipe's deviations from the paper are measured in
+players, 64x64 frames) into ~/.cache/ap_jax (about 10 s). Measured on 2 CPU cores (`ap-jax demo`, 22.9 min end to
+end on a slow day): the autoencoder, 1,200 steps in 5.9 min; the denoiser, encoding the training episodes once,
+then 3,600 steps of batch 16 (0.18-0.26 s/step), 16.2 min together. On 24 held-out test episodes of 16 steps it
+scores movement accuracy 0.823 and subject preservation 0.882 (first step 0.957 / 1.0; holding the initial frame:
+0.460 / 1.0); three times the compute meets the targets (0.955 / 0.970). README "The main job and the comparison"; the recipe's deviations from the paper are measured in
 docs/research_log.md.
 
 Arguments (comma-separated after the colon): `autoencoder` selects that stage; `runlocal` shrinks the run to a
