@@ -10,8 +10,8 @@ players, 64x64 frames) into ~/.cache/ap_jax (about 10 s). Measured on 2 CPU core
 end on a slow day): the autoencoder, 1,200 steps in 5.9 min; the denoiser, encoding the training episodes once,
 then 3,600 steps of batch 16 (0.18-0.26 s/step), 16.2 min together. On 24 held-out test episodes of 16 steps it
 scores movement accuracy 0.823 and subject preservation 0.882 (first step 0.957 / 1.0; holding the initial frame:
-0.460 / 1.0); three times the compute meets the targets (0.955 / 0.970). README "The main job and the comparison"; the recipe's deviations from the paper are measured in
-docs/research_log.md.
+0.460 / 1.0); three times the compute meets the targets (0.955 / 0.970). README "The main job and the
+comparison"; the recipe's deviations from the paper are measured in docs/research_log.md.
 
 Arguments (comma-separated after the colon): `autoencoder` selects that stage; `runlocal` shrinks the run to a
 smoke test (a few steps, small batch).
