@@ -398,11 +398,11 @@ def peak_flops(device) -> float | None:
 def load_autoencoder(config, mesh, rules) -> tuple[Any, dict]:
   """The trained autoencoder's EMA parameters and latent statistics, from `config.autoencoder_workdir`."""
   ae_dir = config.autoencoder_workdir
-  if ae_dir and not os.path.isdir(ae_dir):
-    raise TrainError(f"autoencoder_workdir {ae_dir} does not exist")
   if not ae_dir:
     raise TrainError("stage 'denoiser' needs --config.autoencoder_workdir=DIR, the workdir of a trained "
                      "autoencoder run (`ap-jax train --config ... --config.stage=autoencoder`)")
+  if not os.path.isdir(ae_dir):
+    raise TrainError(f"autoencoder_workdir {ae_dir} does not exist")
   ae_config = ml_collections.ConfigDict(config.to_dict())
   ae_config.stage = "autoencoder"
   stage = build_stage(ae_config)
