@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 
 from ap_jax.model import vae as vae_lib
+from benchmarks import crash_soak
 from ap_jax.train import checkpoint as checkpoint_lib
 from ap_jax.train import config_utils, mesh as mesh_lib, optim as optim_lib, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 
-# A small autoencoder and denoiser: same code path as configs/tiny.py, fewer channels and blocks.
-SMALL_AE = ["--config.model.vae.channels=8", "--config.model.vae.latent_channels=4", "--config.data.clip_steps=1",
-            "--config.data.global_batch_size=8", "--config.optim.warmup_steps=0", "--config.log_every=1"]
+# A small autoencoder and denoiser: same code path as configs/tiny.py, fewer channels and blocks. The autoencoder
+# (and the training command the kill tests run) is the crash soak's: one definition, in benchmarks/crash_soak.py.
+SMALL_AE = crash_soak.SMALL_AE
 SMALL_DIT = ["--config.model.dit.width=64", "--config.model.dit.depth=2", "--config.model.dit.heads=4",
              "--config.model.dit.mlp=128", "--config.data.clip_steps=2",
              "--config.data.cache_latents=false"]  # batches carry frames (test_cached_latents_* covers the cache)
@@ -49,13 +50,7 @@ def make_config(arg="autoencoder,runlocal", overrides=()):
   return config_utils.apply_overrides(config, list(SMALL_AE) + list(overrides))
 
 
-def read_losses(workdir):
-  losses = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      rec = json.loads(line)
-      losses.setdefault(rec["step"], []).append(rec["loss"])
-  return losses
+read_losses = crash_soak.logged_losses  # {step: [every logged loss]}
 
 
 # --------------------------------------------------------------------------------------------- sharded step
@@ -143,9 +138,8 @@ def test_cached_latents_match_encoding_each_batch():
 
 
 def _train_cmd(workdir, total, extra=()):
-  return [sys.executable, "-m", "ap_jax", "train", "--config", f"{TINY}:autoencoder,runlocal", "--workdir", workdir,
-          "--no-progress", *SMALL_AE, f"--config.total_steps={total}", "--config.checkpoint_every=5",
-          "--config.async_checkpointing=false", *extra]
+  return crash_soak.train_command(workdir, total, ["--config.checkpoint_every=5", "--config.async_checkpointing=false",
+                                                   *extra])
 
 
 def _run(cmd, **kw):
@@ -540,8 +534,6 @@ def test_unknown_config_arguments_are_errors():
 
 @pytest.mark.slow  # a few training processes; CI runs it in its slow step
 def test_sigkill_at_random_points_and_during_saves_resumes_bit_exact(straight_run, tmp_path):
-  from benchmarks import crash_soak
-
   workdir = str(tmp_path / "soak")
   records = crash_soak.run_soak(workdir, kills=2, total=20, seed=1)
   assert records[0]["save_in_flight"], "the first kill is meant to land while a save is being written"
