@@ -208,7 +208,7 @@ def open_source(config: ml_collections.ConfigDict, split: str = "train"):
   raise config_utils.ConfigError(f"data.source = {data.source!r}, expected 'builtin', 'dir' or 'live'")
 
 
-def encode_source(source, vae_params, model_config, *, batch_frames: int = 256, progress: bool = True) -> np.ndarray:
+def encode_source(source, vae_params, model_config, *, batch_frames: int = 128, progress: bool = True) -> np.ndarray:
   """Denoiser latents of every episode of a stored source, [episodes, T+1, h, w, c] float32, by the frozen
   autoencoder exactly as the training step would encode them (posterior mean, normalised). Held in host memory:
   for the small datasets of CPU-sized configs (2,000 tiny episodes: 280 MB); a pod-sized dataset wants latents
@@ -714,6 +714,48 @@ def _train(config, workdir, *, fresh, progress, stop, resources) -> dict:
   last_time, last_step = time.perf_counter(), step
   history = []
   stopped_by = None
+  # Metrics stay on the device until the logging cadence (or a save, or the end): the host does not wait for each
+  # step, so it fetches and shards the next batch while the device computes. At most `max_in_flight` steps run
+  # ahead of the host, which bounds the batches queued on the device.
+  pending: list[tuple[int, dict]] = []
+  max_in_flight = 2
+  multi_process = jax.process_count() > 1
+
+  def flush() -> None:
+    """Reads the pending steps' metrics back, stops on a non-finite loss or gradient norm (naming the step and
+    the newest good checkpoint), and writes the newest step's metrics."""
+    nonlocal last_time, last_step
+    if not pending:
+      return
+    steps = [s for s, _ in pending]
+    host_rows = jax.device_get([m for _, m in pending])
+    pending.clear()
+    for s, row in zip(steps, host_rows):
+      loss, grad_norm = float(row["loss"]), float(row["grad_norm"])
+      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        ckpt.wait()  # the state after a non-finite step is never saved: its parameters may be NaN
+        window = f"steps {steps[0]}-{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}"
+        raise TrainError(
+            f"loss is {loss} (gradient norm {grad_norm}) at step {s} (the first non-finite one of {window}, read "
+            "back together); stopping without saving. "
+            + (f"The newest good checkpoint is {good_checkpoint}, in {ckpt.directory}; a relaunch resumes from it "
+               "and verifies its checksums." if good_checkpoint else "No checkpoint was written before it."))
+    s, row = steps[-1], host_rows[-1]
+    if s % log_every and s != total:
+      return
+    now = time.perf_counter()
+    dt = (now - last_time) / max(1, s - last_step)
+    last_time, last_step = now, s
+    host = {k: float(v) for k, v in row.items()}
+    host.update(step_time_s=dt, examples_per_s=b / dt, tokens_per_s=b * tokens_per_example / dt,
+                mfu=(flops / dt / peak) if (flops and peak) else None)
+    writer.write(s, host)
+    history.append(dict(step=s, loss=host["loss"], step_time_s=dt))
+    if bar is not None:
+      bar.set_postfix(loss=f"{host['loss']:.4f}", step_s=f"{dt:.3f}")
+    elif is_main:  # no progress bar: the log says how far the run is
+      log.info("%s step %d/%d | loss %.4f | %.3f s/step", stage.name, s, total, host["loss"], dt)
+
   if stop.should_stop():  # asked to stop while setting up: no step was taken, nothing new to save
     stopped_by = stop.received or "another process"
     log.warning("stopped by %s before the first step (at step %d); nothing new to save", stopped_by, step)
@@ -723,38 +765,27 @@ def _train(config, workdir, *, fresh, progress, stop, resources) -> dict:
       batch = pipeline_lib.global_batch({k: local[k] for k in stage.batch_keys}, batch_sharding)
       state, metrics = step_fn(state, batch, stage.frozen)
       step += 1
-      loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        ckpt.wait()  # the state after this step is never saved: a NaN gradient would have made its parameters NaN
-        raise TrainError(
-            f"loss is {loss} (gradient norm {grad_norm}) at step {step}; stopping without saving. "
-            + (f"The newest good checkpoint is {good_checkpoint}, in {ckpt.directory}; a relaunch resumes from it "
-               "and verifies its checksums." if good_checkpoint else "No checkpoint was written before it."))
-      if step % log_every == 0 or step == total:
-        now = time.perf_counter()
-        dt = (now - last_time) / max(1, step - last_step)
-        last_time, last_step = now, step
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        host.update(step_time_s=dt, examples_per_s=b / dt, tokens_per_s=b * tokens_per_example / dt,
-                    mfu=(flops / dt / peak) if (flops and peak) else None)
-        writer.write(step, host)
-        history.append(dict(step=step, loss=host["loss"], step_time_s=dt))
-        if bar is not None:
-          bar.set_postfix(loss=f"{host['loss']:.4f}", step_s=f"{dt:.3f}")
-        elif is_main:  # no progress bar: the log says how far the run is
-          log.info("%s step %d/%d | loss %.4f | %.3f s/step", stage.name, step, total, host["loss"], dt)
+      pending.append((step, metrics))
+      if len(pending) > max_in_flight:
+        jax.block_until_ready(pending[-1 - max_in_flight][1]["loss"])
       if bar is not None:
         bar.update(1)
-      if step % ckpt_every == 0 or step == total:
+      saving = step % ckpt_every == 0 or step == total
+      if step % log_every == 0 or saving:
+        flush()  # a checkpoint is written only after its steps' losses were read back finite
+      if saving:
         save(step)
         good_checkpoint = f"step {step}, saved by this run after finite losses (with checksums of its arrays)"
-      if stop.should_stop():
+      # Several processes agree on stopping with a collective: at the logging cadence, not every step.
+      if (not multi_process or step % log_every == 0 or saving) and stop.should_stop():
         stopped_by = stop.received or "another process"
+        flush()
         if ckpt.latest_step() != step:
           save(step, force=True)
           good_checkpoint = f"step {step}"
         log.warning("stopped by %s after step %d; checkpoint saved", stopped_by, step)
         break
+    flush()
   ckpt.close()  # waits for the last asynchronous save
   if is_main:
     plot_losses(workdir)
