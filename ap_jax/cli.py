@@ -164,8 +164,8 @@ def add_demo(sub):
                      "subject preservation. Resumable: run it again to continue. About 20 minutes on 2 CPU cores.")
   p.add_argument("--out", default="out/demo", help="output directory (data, workdirs, video, results.json)")
   p.add_argument("--episodes", type=int, default=2000, help="episodes in the built-in dataset")
-  p.add_argument("--ae-steps", type=int, default=1200, help="autoencoder training steps")
-  p.add_argument("--dit-steps", type=int, default=3600, help="denoiser training steps")
+  p.add_argument("--ae-steps", type=int, default=800, help="autoencoder training steps")
+  p.add_argument("--dit-steps", type=int, default=2800, help="denoiser training steps")
   p.add_argument("--eval-episodes", type=int, default=24, help="held-out test episodes to evaluate")
   p.add_argument("--eval-steps", type=int, default=16, help="generated steps per evaluated episode")
   p.add_argument("--denoise-steps", type=int, default=10, help="sampler steps per generated frame")
@@ -187,14 +187,17 @@ def add_compare(sub):
                      description="The paper's comparison on the built-in game: the full model, global action "
                      "conditioning (no subject tokens), and the ablations (no subject isolation, no masked "
                      "cross-attention, frame-wise cross-attention, no RoPE on subject tokens), trained at equal "
-                     "steps on the same data with one shared autoencoder, each evaluated on fresh episodes with "
-                     "1 to 8 players. Writes comparison.json and comparison.md. Resumable per variant.")
+                     "steps on the same data (2 to 7 players by default) with one shared autoencoder, each "
+                     "evaluated on fresh episodes with 1 to 8 players. Writes comparison.json and comparison.md. "
+                     "Resumable per variant.")
   p.add_argument("--out", default="out/compare")
   p.add_argument("--variants", default="", help="comma-separated subset (default: all)")
   p.add_argument("--episodes", type=int, default=2000)
-  p.add_argument("--ae-steps", type=int, default=1200)
-  p.add_argument("--dit-steps", type=int, default=3600)
+  p.add_argument("--ae-steps", type=int, default=800, help="autoencoder training steps (the demo's)")
+  p.add_argument("--dit-steps", type=int, default=2800, help="denoiser training steps per variant (the demo's)")
   p.add_argument("--eval-players", type=_players, default=(1, 8))
+  p.add_argument("--train-players", type=_players, default=(2, 7),
+                 help="player count range of the training episodes (the paper's protocol: 2-7)")
   p.add_argument("--episodes-per-count", type=int, default=6)
   p.add_argument("--eval-steps", type=int, default=8)
   p.add_argument("--denoise-steps", type=int, default=10)
@@ -207,8 +210,8 @@ def cmd_compare(args) -> int:
 
   demo.run_comparison(args.out, episodes=args.episodes, ae_steps=args.ae_steps, dit_steps=args.dit_steps,
                       variants=[v for v in args.variants.split(",") if v] or None, eval_players=args.eval_players,
-                      episodes_per_count=args.episodes_per_count, eval_steps=args.eval_steps,
-                      denoise_steps=args.denoise_steps, progress=not args.no_progress)
+                      train_players=args.train_players, episodes_per_count=args.episodes_per_count,
+                      eval_steps=args.eval_steps, denoise_steps=args.denoise_steps, progress=not args.no_progress)
   return 0
 
 
@@ -226,8 +229,9 @@ def _mesh_sizes(text: str) -> dict[str, int]:
   return sizes
 
 
-def _add_sampler_flags(p):
-  p.add_argument("--workdir", required=True, help="denoiser workdir (`ap-jax train`); its config names the data")
+def _add_sampler_flags(p, workdir_required: bool = True):
+  p.add_argument("--workdir", required=workdir_required,
+                 help="denoiser workdir (`ap-jax train`); its config names the data")
   p.add_argument("--sampler", choices=("euler", "heun"), default="euler", help="ODE sampler per chunk")
   p.add_argument("--denoise-steps", type=int, default=20, help="sampler steps per chunk")
   p.add_argument("--chunk", type=int, default=None,
@@ -347,8 +351,16 @@ def add_eval(sub):
                      description="Generate rollouts for held-out episodes (a split of the training dataset, or with "
                      "--players fresh built-in episodes of each player count from held-out seeds), replay the same "
                      "actions in the true game, and score movement accuracy, subject preservation, tracking error, "
-                     "PSNR and SSIM, broken down by player count and step. Writes --out and prints a table.")
-  _add_sampler_flags(p)
+                     "PSNR and SSIM, broken down by substrate, player count and step. Writes --out and prints a "
+                     "table. With --oracle, score a dataset's own true frames instead (the metrics' ceiling).")
+  _add_sampler_flags(p, workdir_required=False)
+  p.add_argument("--oracle", action="store_true",
+                 help="score the true frames of --data's episodes as if generated (no model): the ceiling of the "
+                      "metric pipeline, with the detectors' accuracy per substrate")
+  p.add_argument("--data", default=None,
+                 help="dataset directory (`ap-jax data`) whose --split to score, instead of the training config's "
+                      "(e.g. Melting Pot substrates held out of training; frames of the model's size); needed with "
+                      "--oracle")
   p.add_argument("--split", default="test", help="dataset split (ignored with --players)")
   p.add_argument("--episodes", type=int, default=16,
                  help="episodes from the split, or per player count with --players")
@@ -367,17 +379,34 @@ def cmd_eval(args) -> int:
 
   if args.episodes < 1:
     raise ValueError(f"--episodes {args.episodes}, expected at least 1")
-  trained, kwargs = _load_for_sampling(args)
   start = time.time()
-  if args.players is not None:
-    steps = args.steps if args.steps is not None else int(trained.config.data.steps)
-    cases = evaluate.fresh_builtin_cases(trained.config, args.players, args.episodes, steps)
+  if args.oracle:
+    if not args.data:
+      raise ValueError("--oracle scores a dataset's true frames: give the dataset with --data DIR")
+    if args.players is not None:
+      raise ValueError("--oracle reads --data's episodes; --players (fresh built-in episodes) does not apply")
+    cases = evaluate.dataset_dir_cases(args.data, args.split, range(args.episodes), args.steps)
+    results = evaluate.oracle(cases)
+    results["data"] = os.path.abspath(args.data)
   else:
-    cases = evaluate.dataset_cases(trained.config, args.split, range(args.episodes), args.steps)
-  evaluate.check_scorable(cases)
-  results = evaluate.evaluate(trained, cases, seed=args.seed, batch_size=args.batch_size, **kwargs)
+    if not args.workdir:
+      raise ValueError("eval needs --workdir (a trained denoiser), or --oracle --data DIR to score true frames")
+    trained, kwargs = _load_for_sampling(args)
+    if args.players is not None and args.data:
+      raise ValueError("--players makes fresh built-in episodes; --data names stored ones: give one of them")
+    if args.data:
+      cases = evaluate.dataset_dir_cases(args.data, args.split, range(args.episodes), args.steps)
+      evaluate.check_frame_size(trained.config, cases)
+    elif args.players is not None:
+      steps = args.steps if args.steps is not None else int(trained.config.data.steps)
+      cases = evaluate.fresh_builtin_cases(trained.config, args.players, args.episodes, steps)
+    else:
+      cases = evaluate.dataset_cases(trained.config, args.split, range(args.episodes), args.steps)
+    evaluate.check_scorable(cases)
+    results = evaluate.evaluate(trained, cases, seed=args.seed, batch_size=args.batch_size, **kwargs)
+    results["workdir"] = os.path.abspath(args.workdir)
+    results["data"] = os.path.abspath(args.data) if args.data else None
   results["timing"]["seconds_total"] = time.time() - start
-  results["workdir"] = os.path.abspath(args.workdir)
   results["split"] = None if args.players is not None else args.split
   results["players"] = None if args.players is None else list(args.players)
   evaluate.write_json(results, args.out)

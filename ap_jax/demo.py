@@ -6,9 +6,9 @@ preservation. Everything lands in one output directory: `data/`, `ae/`, `dit_ful
 the demo again continues where it stopped), `rollout_4p.mp4` (+ `.json`, and `.png`: the true game above the
 generated frames), `results.json`.
 
-`run_comparison` (`ap-jax compare`): the full model, the global-action baseline and the four ablations, trained
-at equal steps on the same data with one shared autoencoder, each evaluated on fresh built-in episodes with 1 to
-8 players; writes `comparison.json` and `comparison.md` (the README table).
+`run_comparison` (`ap-jax compare`): the full model, the global-action baseline and the ablations, trained at
+equal steps on the same data (2 to 7 players, the paper's protocol) with one shared autoencoder, each evaluated on
+fresh built-in episodes with 1 to 8 players; writes `comparison.json` and `comparison.md` (the README table).
 """
 
 from __future__ import annotations
@@ -45,8 +45,15 @@ def _config(arg: str, overrides: Sequence[str]):
   return config_utils.apply_overrides(config_utils.load_config(f"{TINY}:{arg}"), list(overrides))
 
 
-def build_data(out: str, episodes: int, players: tuple[int, int] = (2, 4)) -> str:
-  path = os.path.join(out, "data", "builtin")
+DEMO_PLAYERS = (2, 4)  # the demo's training episodes
+COMPARE_PLAYERS = (2, 7)  # the comparison's: the paper's protocol (trained on 2-7, evaluated on 1-8)
+
+
+def build_data(out: str, episodes: int, players: tuple[int, int] = DEMO_PLAYERS) -> str:
+  """The built-in dataset under `out/data/` (the demo's 2-4 players in `builtin`, other ranges in
+  `builtin_MIN-MAX`), generated on first use."""
+  name = "builtin" if tuple(players) == DEMO_PLAYERS else f"builtin_{players[0]}-{players[1]}"
+  path = os.path.join(out, "data", name)
   if not os.path.exists(os.path.join(path, dataset_lib.INFO_FILE)):
     spec = tfds_builder.GenerationSpec(episodes=episodes, steps=16, players=players)
     dataset_lib.build(spec, path)
@@ -79,7 +86,7 @@ def _sampler(trained, denoise_steps: int):
   return sample_lib.Sampler.from_trained(trained, denoise_steps=denoise_steps)
 
 
-def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps: int = 3600,
+def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 800, dit_steps: int = 2800,
              eval_episodes: int = 24, eval_steps: int = 16, denoise_steps: int = 10, seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
   """The main job on the built-in game; returns (and writes) `results.json`'s contents."""
@@ -134,9 +141,10 @@ def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps:
   return results
 
 
-def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps: int = 3600,
+def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 800, dit_steps: int = 2800,
                    variants: Sequence[str] | None = None, eval_players: tuple[int, int] = (1, 8),
-                   episodes_per_count: int = 6, eval_steps: int = 8, denoise_steps: int = 10, seed: int = 0,
+                   train_players: tuple[int, int] = COMPARE_PLAYERS, episodes_per_count: int = 6,
+                   eval_steps: int = 8, denoise_steps: int = 10, seed: int = 0,
                    progress: bool = True) -> dict[str, Any]:
   """Trains and evaluates each variant; writes comparison.json and comparison.md. Resumable per variant."""
   from ap_jax import evaluate
@@ -147,7 +155,7 @@ def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_
   if unknown:
     raise ValueError(f"unknown variants {unknown}: expected names from {', '.join(VARIANTS)}")
   os.makedirs(out, exist_ok=True)
-  data_dir = build_data(out, episodes)
+  data_dir = build_data(out, episodes, train_players)
   table: dict[str, Any] = {}
   for name in names:
     start = time.time()
@@ -163,14 +171,15 @@ def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_
     log.info("variant %s: movement %.3f, subjects %.3f", name, results["movement_accuracy"],
              results["subject_preservation"])
     evaluate.write_json(table, os.path.join(out, "comparison.json"))
-  markdown = comparison_markdown(table, eval_players)
+  markdown = comparison_markdown(table, eval_players, train_players)
   with open(os.path.join(out, "comparison.md"), "w") as f:
     f.write(markdown)
   print(markdown)
   return table
 
 
-def comparison_markdown(table: dict[str, Any], eval_players: tuple[int, int]) -> str:
+def comparison_markdown(table: dict[str, Any], eval_players: tuple[int, int],
+                        train_players: tuple[int, int] = COMPARE_PLAYERS) -> str:
   keys = ("movement_accuracy", "subject_preservation", "tracking_error_px", "psnr")
 
   def fmt(value):
@@ -183,7 +192,7 @@ def comparison_markdown(table: dict[str, Any], eval_players: tuple[int, int]) ->
   if hold is not None:  # the same cases for every variant: one row
     lines.append("| (hold the initial frame) | " + " | ".join(fmt(hold.get(k)) for k in keys) + " |")
   counts = list(range(eval_players[0], eval_players[1] + 1))
-  lines += ["", "Movement accuracy by number of players (trained on 2-4):", "",
+  lines += ["", f"Movement accuracy by number of players (trained on {train_players[0]}-{train_players[1]}):", "",
             "| variant | " + " | ".join(str(n) for n in counts) + " |", "|---|" + "---|" * len(counts)]
   for name, res in table.items():
     by = res.get("by_players", {})

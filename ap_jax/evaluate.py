@@ -77,22 +77,14 @@ def _check_steps(steps: int | None, available: int, what: str) -> int:
 
 
 def case_from_episode(episode: dict[str, Any], steps: int | None, name: str) -> Case:
-  """A dataset episode's first frame, positions and first `steps` actions; truth replayed in the true game
-  (built-in) or the stored frames themselves (Melting Pot: its replay needs the meltingpot extra, and the stored
-  episode is that replay)."""
+  """A dataset episode's first frame, positions and first `steps` actions; truth replayed in the true game from
+  the episode's seed (Melting Pot needs the meltingpot extra; `replay.replay_episode`)."""
   from ap_jax.eval import replay
 
   actions = np.asarray(episode["actions"], np.int32)
   steps = _check_steps(steps, actions.shape[0], f"episode {name} (seed {episode['seed']})")
   actions = actions[:steps]
-  if episode["source"] == "builtin":
-    truth = replay.replay_episode(episode, actions)
-  else:
-    truth = dict(frames=np.asarray(episode["frames"])[:steps + 1],
-                 positions=np.asarray(episode["positions"], np.float32)[:steps + 1],
-                 orientations=np.asarray(episode["orientations"])[:steps + 1], actions=actions,
-                 colors=np.asarray(episode["colors"], np.uint8), cell_size=int(episode["cell_size"]),
-                 source=str(episode["source"]))
+  truth = replay.replay_episode(episode, actions)
   return Case(frame=np.asarray(episode["frames"])[0], positions=np.asarray(episode["positions"], np.float32)[0],
               actions=actions, colors=np.asarray(episode["colors"], np.uint8), truth=truth, name=name,
               seed=int(episode["seed"]), info=dict(source=str(episode["source"]), layout=str(episode["substrate"])))
@@ -100,13 +92,18 @@ def case_from_episode(episode: dict[str, Any], steps: int | None, name: str) -> 
 
 def dataset_cases(config, split: str, indices: Sequence[int], steps: int | None) -> list[Case]:
   """Episodes `indices` of `split` of the training config's dataset (`trainer.resolve_dataset`)."""
-  from ap_jax.data import dataset
   from ap_jax.train import trainer
 
   if config.data.source == "live":
     raise EvalError("the model was trained on live built-in episodes (data.source = 'live'), which have no stored "
                     "splits: use `--players MIN-MAX` (fresh held-out episodes) or an action file instead")
-  path = trainer.resolve_dataset(config.data)
+  return dataset_dir_cases(trainer.resolve_dataset(config.data), split, indices, steps)
+
+
+def dataset_dir_cases(path: str, split: str, indices: Sequence[int], steps: int | None) -> list[Case]:
+  """Episodes `indices` of `split` of the dataset at `path` (`ap-jax data`), each with its true game's replay."""
+  from ap_jax.data import dataset
+
   source = dataset.open_split(path, split)
   cases = []
   for k in indices:
@@ -114,6 +111,17 @@ def dataset_cases(config, split: str, indices: Sequence[int], steps: int | None)
       raise EvalError(f"episode {k}: split {split!r} of {path} has episodes 0 to {len(source) - 1}")
     cases.append(case_from_episode(source[k], steps, f"{split}:{k}"))
   return cases
+
+
+def check_frame_size(config, cases: Sequence[Case]) -> None:
+  """Cases from another dataset must have the frame size the model was trained on."""
+  from ap_jax.train import trainer
+
+  hw = tuple(trainer.frame_hw(config))
+  for case in cases:
+    if tuple(case.frame.shape[:2]) != hw:
+      raise EvalError(f"{case.name}: frames are {case.frame.shape[0]} x {case.frame.shape[1]} px, but the model was "
+                      f"trained on {hw[0]} x {hw[1]} px frames; expected a dataset of that canvas")
 
 
 def game_config(config):
@@ -241,33 +249,94 @@ def run_cases(sampler: sample_lib.Sampler, cases: Sequence[Case], *, seed: int, 
 
 def check_scorable(cases: Sequence[Case]) -> None:
   for case in cases:
-    if case.truth is None or case.truth.get("source") != "builtin":
-      raise EvalError(f"{case.name}: the true game is {case.info.get('source')!r}; scoring needs a detector for "
-                      "its frames, and only the built-in game's exists (ap_jax.eval.detector). Evaluate a model "
-                      "trained on the built-in game, or build a Melting Pot detector first")
+    if case.truth is None or case.truth.get("source") not in ("builtin", "meltingpot"):
+      raise EvalError(f"{case.name}: no true game to score against (source {case.info.get('source')!r}); scoring "
+                      "needs the built-in game or Melting Pot")
+
+
+def detector_accuracy(cases: Sequence[Case]) -> dict[str, Any]:
+  """The detectors' accuracy on the cases' own true frames, pooled, and per substrate (`by_substrate`): the ceiling
+  of the metrics. Melting Pot instances of removed or look-alike players are not scored (`skipped_instances`)."""
+  from ap_jax.eval import detector, metrics
+
+  sums: dict[str, dict[str, float]] = {}
+  for c in cases:
+    t = c.truth
+    reader = metrics.truth_detector(t)
+    if reader is None:
+      acc = detector.detector_accuracy(t["frames"], t["cells"], t["orientations"], t["colors"], int(t["cell_size"]))
+      acc["skipped_instances"] = 0
+    else:
+      acc = reader.accuracy(t["frames"], t["cells"], t["orientations"], t["visible"])
+    row = sums.setdefault(str(t.get("substrate", "")), dict(correct=0.0, instances=0, false=0.0, frames=0,
+                                                            skipped=0))
+    row["correct"] += (acc["player_accuracy"] or 0.0) * acc["player_instances"]
+    row["instances"] += acc["player_instances"]
+    row["false"] += acc["false_detections"] * len(t["frames"])
+    row["frames"] += len(t["frames"])
+    row["skipped"] += acc["skipped_instances"]
+    if reader is not None:
+      row["groups"], row["facing_unreadable"] = acc["groups"], acc["facing_unreadable"]
+
+  def summary(rows):
+    instances = sum(r["instances"] for r in rows)
+    frames = sum(r["frames"] for r in rows)
+    return dict(player_accuracy=(sum(r["correct"] for r in rows) / instances) if instances else None,
+                false_detections=sum(r["false"] for r in rows) / max(1, frames), player_instances=int(instances),
+                skipped_instances=int(sum(r["skipped"] for r in rows)))
+
+  out = summary(list(sums.values()))
+  out["by_substrate"] = {
+      name: dict(summary([r]), **{k: r[k] for k in ("groups", "facing_unreadable") if k in r})
+      for name, r in sorted(sums.items())}
+  return out
 
 
 def score_cases(cases: Sequence[Case], frames: Sequence[np.ndarray], positions: Sequence[np.ndarray | None]
                 ) -> tuple[list[dict], dict[str, Any]]:
-  """Per-case scores (`metrics.score_rollout`) and the detector's accuracy on the cases' true frames."""
-  from ap_jax.eval import detector, metrics
+  """Per-case scores (`metrics.score_rollout`) and the detectors' accuracy on the cases' true frames."""
+  from ap_jax.eval import metrics
 
   check_scorable(cases)
   scores = [metrics.score_rollout(f, c.truth, pred_positions=p) for c, f, p in zip(cases, frames, positions)]
-  correct = instances = false = frames_seen = 0.0
-  for c in cases:
-    acc = detector.detector_accuracy(c.truth["frames"], c.truth["cells"], c.truth["orientations"], c.truth["colors"],
-                                     int(c.truth["cell_size"]))
-    correct += acc["player_accuracy"] * acc["player_instances"]
-    instances += acc["player_instances"]
-    false += acc["false_detections"] * len(c.truth["frames"])
-    frames_seen += len(c.truth["frames"])
-  det = dict(player_accuracy=correct / instances, false_detections=false / frames_seen,
-             player_instances=int(instances))
-  if det["player_accuracy"] < 0.99:
-    log.warning("the detector reads only %.4f of real player instances correctly (< 0.99): the metrics are not "
-                "trustworthy for this data", det["player_accuracy"])
+  det = detector_accuracy(cases)
+  for name, row in det["by_substrate"].items():
+    if row["player_accuracy"] is not None and row["player_accuracy"] < 0.99:
+      log.warning("the detector reads only %.4f of real player instances of %s correctly (< 0.99): its metrics "
+                  "are not trustworthy", row["player_accuracy"], name or "these episodes")
   return scores, det
+
+
+def oracle(cases: Sequence[Case]) -> dict[str, Any]:
+  """Scores each case's true frames as if they were a generated rollout: the ceiling of the metric pipeline
+  (movement and subject scores of 1.0 wherever players can be told apart), with the detectors' accuracy. The
+  results dict has the keys `evaluate` writes (no model, no sampling)."""
+  from ap_jax.eval import metrics
+
+  start = time.perf_counter()
+  frames = [np.asarray(c.truth["frames"]) for c in cases]
+  positions = [np.asarray(c.truth["positions"], np.float32) for c in cases]
+  scores, det = score_cases(cases, frames, positions)
+  results = metrics.aggregate(scores, detector=det)
+  results["model"] = None
+  results["oracle"] = True
+  results["timing"] = dict(seconds_scoring=time.perf_counter() - start)
+  results["baselines"] = {"hold_initial_frame": hold_initial_frame_baseline(cases)}
+  results["episodes"] = _episode_rows(cases, scores)
+  return results
+
+
+def _episode_rows(cases: Sequence[Case], scores: Sequence[dict]) -> list[dict]:
+  return [dict(name=c.name, seed=c.seed, players=c.num_players, steps=int(c.actions.shape[0]), **c.info,
+               movement_accuracy=_nanmean(s["movement_accuracy"]),
+               subject_preservation=_nanmean(s["subject_preservation"]))
+          for c, s in zip(cases, scores)]
+
+
+def _nanmean(x) -> float | None:
+  x = np.asarray(x, np.float64)
+  x = x[~np.isnan(x)]
+  return float(x.mean()) if x.size else None
 
 
 def evaluate(trained, cases: Sequence[Case], *, seed: int = 0, batch_size: int = 8,
@@ -288,11 +357,7 @@ def evaluate(trained, cases: Sequence[Case], *, seed: int = 0, batch_size: int =
   results["sampling"] = sampler_settings(sampler, seed)
   results["timing"] = timing
   results["baselines"] = {"hold_initial_frame": hold_initial_frame_baseline(cases)}
-  results["episodes"] = [
-      dict(name=c.name, seed=c.seed, players=c.num_players, steps=int(c.actions.shape[0]), **c.info,
-           movement_accuracy=float(np.mean(s["movement_accuracy"])),
-           subject_preservation=float(np.mean(s["subject_preservation"])))
-      for c, s in zip(cases, scores)]
+  results["episodes"] = _episode_rows(cases, scores)
   return results
 
 

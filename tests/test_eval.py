@@ -79,8 +79,8 @@ def test_replay_meltingpot_matches_generated_episode():
   np.testing.assert_array_equal(truth["frames"], ep["frames"])
   np.testing.assert_array_equal(truth["positions"], ep["positions"])
   np.testing.assert_array_equal(truth["orientations"], ep["orientations"])
-  with pytest.raises(ValueError, match="expected 'builtin'"):
-    metrics.score_rollout(truth["frames"], truth)
+  assert truth["visible"].shape == truth["orientations"].shape and truth["substrate"] == "coins"
+  np.testing.assert_array_equal(truth["grid"].centres(truth["cells"]), ep["positions"])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -415,3 +415,23 @@ def test_comparison_table_has_a_row_per_variant_and_one_for_the_static_baseline(
   assert lines[3] == "| global_actions | 0.125 | 0.500 | - | 18.2 |"
   assert lines[4] == "| (hold the initial frame) | 0.500 | 1.000 | - | 21.8 |"
   assert lines[-1] == "| global_actions | - | 0.125 |"
+
+
+def test_oracle_scores_a_datasets_true_frames_perfectly(tmp_path, capsys):
+  from ap_jax import cli
+
+  data, out = str(tmp_path / "data"), str(tmp_path / "oracle.json")
+  assert cli.main(["data", "--episodes", "30", "--steps", "6", "--players", "1-8", "--out", data]) == 0
+  assert cli.main(["eval", "--oracle", "--data", data, "--split", "test", "--episodes", "3", "--steps", "5",
+                   "--out", out]) == 0
+  results = json.load(open(out))
+  assert results["oracle"] is True and results["model"] is None and results["episodes"][0]["steps"] == 5
+  for name in ("movement_accuracy", "state_accuracy", "subject_preservation"):
+    assert results[name] == 1.0, name
+  assert results["detector"]["player_accuracy"] == 1.0 and results["detector"]["false_detections"] == 0.0
+  assert set(results["by_substrate"]) <= set(gridgame.LAYOUTS)
+  assert "| all | 1.000 |" in capsys.readouterr().out
+  assert cli.main(["eval", "--oracle", "--out", out]) == 2
+  assert "--oracle scores a dataset's true frames: give the dataset with --data DIR" in capsys.readouterr().err
+  assert cli.main(["eval", "--out", out]) == 2
+  assert "eval needs --workdir" in capsys.readouterr().err

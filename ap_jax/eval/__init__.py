@@ -5,7 +5,10 @@ None of this needs a trained model: every metric takes generated frames as plain
 frames can be fed in as if generated (the metrics must then be perfect; tests/test_eval.py checks that).
 
   detector      `detect(frames, colors, cell_size)`: each player's identity, cell, facing and count per frame.
-  replay        `replay_builtin`, `replay_episode`: the true frames and states for a seed and an action sequence.
+  learned_detector  the same for Melting Pot, learned per substrate from labelled true frames
+                `meltingpot_detector(substrate, players, canvas_hw)`; says which players cannot be told apart.
+  replay        `replay_builtin`, `replay_meltingpot`, `replay_episode`: the true frames and states (Melting Pot:
+                with each avatar's visibility) for a seed and an action sequence.
   metrics       per-rollout scores (movement, state and INTERACT accuracy, subject preservation, tracking error,
                 PSNR, SSIM); their aggregation by player count and rollout step, a Markdown table.
   action_files  `load_action_file(path) -> (actions [T, P], meta)` with errors that name the bad entry.

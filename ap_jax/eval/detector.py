@@ -13,8 +13,8 @@ built-in player colour that is not among them, so a generated player in a colour
 episode is counted as `extra` rather than forced onto the nearest real player.
 
 Scope: frames whose cells are aligned to the grid (top-left cell at pixel (0, 0), as the built-in game renders
-them). Melting Pot frames use other sprites and a canvas offset; the learned detector they would need (issue 5)
-is not built yet, so `metrics.score_rollout` refuses Melting Pot truth with a clear error.
+them). Melting Pot frames use other sprites and a canvas offset: they are read by a detector learned from each
+substrate's true frames (`ap_jax.eval.learned_detector`).
 
 Dimension letters: N frames (any leading shape, flattened), Y, X grid cells, S cell size in pixels, K templates,
 P players, D = S*S*3 values per tile.

@@ -7,7 +7,9 @@ per-player metric); arrays of scores have shape [T, P] or [T], row t-1 holding s
 (player, step) instances (micro average), so an episode with more players weighs more, as in the paper's
 per-player accounting.
 
-Players in generated frames are found by `ap_jax.eval.detector.detect` (built-in game only).
+Players in generated frames are found by `ap_jax.eval.detector.detect` (built-in game) or by a detector learned from
+the substrate's true frames (`ap_jax.eval.learned_detector`, Melting Pot), which also says which players cannot be
+told apart; Melting Pot players that cannot be judged (removed from the board, look-alikes) are left out (NaN).
 
 Metric definitions (these are the README's):
 - movement_accuracy: the fraction of (player, step) instances in which the generated frames show the effect that
@@ -38,6 +40,7 @@ Metric definitions (these are the README's):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -165,21 +168,43 @@ def _pair(gen_frames: np.ndarray, true_frames: np.ndarray) -> tuple[np.ndarray, 
   return gen, true
 
 
+def truth_detector(truth: Mapping[str, Any]):
+  """The learned detector (`learned_detector.meltingpot_detector`) that reads frames of this Melting Pot truth, or
+  None for the built-in game (whose detector is `detector.detect`)."""
+  source = truth.get("source")
+  if source == "builtin":
+    return None
+  if source == "meltingpot":
+    from ap_jax.eval import learned_detector
+
+    frames = np.asarray(truth["frames"])
+    return learned_detector.meltingpot_detector(str(truth["substrate"]), int(np.asarray(truth["cells"]).shape[1]),
+                                                tuple(int(v) for v in frames.shape[1:3]))
+  raise ValueError(f"truth comes from source {source!r}, expected 'builtin' or 'meltingpot'")
+
+
+def _masked(values: np.ndarray, scored: np.ndarray) -> np.ndarray:
+  """float32 copy of `values` with NaN (not scored) where `scored` is False."""
+  return np.where(scored, np.asarray(values, np.float32), np.nan).astype(np.float32)
+
+
 def score_rollout(gen_frames_THWC: np.ndarray, truth: Mapping[str, Any], *,
                   pred_positions: np.ndarray | None = None,
-                  max_rms: float = detector_lib.DEFAULT_MAX_RMS) -> dict[str, Any]:
-  """Scores one generated rollout against the true game's replay of its actions (built-in game).
+                  max_rms: float = detector_lib.DEFAULT_MAX_RMS, reader=None) -> dict[str, Any]:
+  """Scores one generated rollout against the true game's replay of its actions.
 
   gen_frames_THWC: [T+1, H, W, 3], uint8 or float in [-1, 1]; index 0 is the conditioning frame. `truth`: the
-  dict of `replay.replay_builtin` (frames, cells, positions, orientations, colors, cell_size) for the same T
-  actions. `pred_positions`: the model's predicted pixel centres [T+1 or T, P, 2], if it predicts them.
-  Returns per-step scores: num_players, and movement_accuracy / state_accuracy / subject_preservation (bool
-  [T, P]), tracking_error_px (float [T, P] or None), interact_accuracy (float [T, P], NaN where not scored),
-  extra_players (bool [T]), psnr and ssim (float [T]).
+  dict of `replay.replay_builtin` or `replay.replay_meltingpot` for the same T actions. `pred_positions`: the
+  model's predicted pixel centres [T+1 or T, P, 2], if it predicts them. `reader`: the Melting Pot detector to use
+  (default `truth_detector(truth)`).
+  Returns per-step scores: num_players, source, substrate, and movement_accuracy / state_accuracy /
+  subject_preservation ([T, P]), tracking_error_px (float [T, P] or None), interact_accuracy (float [T, P], NaN
+  where not scored; None for Melting Pot), extra_players (bool [T]; None for Melting Pot), psnr and ssim
+  (float [T]). Built-in game: every (player, step) is scored (bool arrays). Melting Pot: float arrays with NaN
+  where a player is not scored: removed from the board (truth `visible`) at either frame of the step, or drawn like
+  another player (the detector's `groups`); a player whose facings look alike is scored on its change of cell.
   """
-  if truth.get("source") != "builtin":
-    raise ValueError(f"truth comes from source {truth.get('source')!r}, expected 'builtin' (replay.replay_builtin): "
-                     "the detector reads built-in-game sprites; a Melting Pot detector is not built yet")
+  source = truth.get("source")
   true_frames = np.asarray(truth["frames"])
   gen = np.asarray(gen_frames_THWC)
   if gen.shape != true_frames.shape:
@@ -187,19 +212,35 @@ def score_rollout(gen_frames_THWC: np.ndarray, truth: Mapping[str, Any], *,
                      "([T+1, H, W, 3] with the conditioning frame first)")
   cells = np.asarray(truth["cells"])
   orientations = np.asarray(truth["orientations"])
-  det = detector_lib.detect(gen, truth["colors"], int(truth["cell_size"]), max_rms=max_rms)
-  return {
-      "num_players": int(cells.shape[1]),
-      "movement_accuracy": movement_accuracy(det, cells, orientations),
-      "state_accuracy": state_accuracy(det, cells, orientations),
-      "subject_preservation": subject_preservation(det),
-      "tracking_error_px": (None if pred_positions is None
-                            else tracking_error_px(pred_positions, np.asarray(truth["positions"]))),
-      "interact_accuracy": interact_accuracy(det, truth),
-      "extra_players": det.extra_N[1:] > 0,
-      "psnr": psnr(gen[1:], true_frames[1:]),
-      "ssim": ssim(gen[1:], true_frames[1:]),
-  }
+  base = {"num_players": int(cells.shape[1]), "source": str(source), "substrate": str(truth.get("substrate", "")),
+          "psnr": psnr(gen[1:], true_frames[1:]), "ssim": ssim(gen[1:], true_frames[1:])}
+  tracking = (None if pred_positions is None else tracking_error_px(pred_positions, np.asarray(truth["positions"])))
+  if source == "builtin":
+    det = detector_lib.detect(gen, truth["colors"], int(truth["cell_size"]), max_rms=max_rms)
+    return dict(base,
+                movement_accuracy=movement_accuracy(det, cells, orientations),
+                state_accuracy=state_accuracy(det, cells, orientations),
+                subject_preservation=subject_preservation(det),
+                tracking_error_px=tracking,
+                interact_accuracy=interact_accuracy(det, truth),
+                extra_players=det.extra_N[1:] > 0)
+  reader = reader if reader is not None else truth_detector(truth)
+  det = reader.detect(gen)
+  visible = np.asarray(truth["visible"], bool)
+  identifiable = reader.identifiable[None, :]
+  # Facing that cannot be read counts as read correctly: such a player is judged on its change of cell alone.
+  unreadable = ~reader.facing_readable[None, :]
+  facing_det = np.where(unreadable, orientations, det.facing_NP)
+  det_read = dataclasses.replace(det, facing_NP=facing_det)
+  step_scored = visible[1:] & visible[:-1] & identifiable
+  frame_scored = visible[1:] & identifiable
+  return dict(base,
+              movement_accuracy=_masked(movement_accuracy(det_read, cells, orientations), step_scored),
+              state_accuracy=_masked(state_accuracy(det_read, cells, orientations), frame_scored),
+              subject_preservation=_masked(subject_preservation(det), frame_scored),
+              tracking_error_px=None if tracking is None else _masked(tracking, visible[1:]),
+              interact_accuracy=None,
+              extra_players=None)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -207,36 +248,47 @@ def score_rollout(gen_frames_THWC: np.ndarray, truth: Mapping[str, Any], *,
 
 
 def _pool(scores: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
-  """Micro averages over every (player, step) or frame instance in `scores` (None where nothing was measured)."""
+  """Micro averages over every scored (player, step) or frame instance in `scores` (None where nothing was
+  measured; NaN marks an instance a metric does not score)."""
   out: dict[str, float | None] = {}
   for name in METRICS:
     parts = [np.asarray(s[name], np.float64).ravel() for s in scores if s.get(name) is not None]
     values = np.concatenate(parts) if parts else np.zeros((0,))
-    values = values[~np.isnan(values)]  # NaN marks an instance the metric does not score
+    values = values[~np.isnan(values)]
     out[name] = float(values.mean()) if values.size else None
-  out["player_steps"] = int(sum(np.asarray(s["subject_preservation"]).size for s in scores))
-  out["interact_instances"] = int(sum(np.sum(~np.isnan(s["interact_accuracy"])) for s in scores))
+  out["player_steps"] = int(sum(np.sum(~np.isnan(np.asarray(s["subject_preservation"], np.float64)))
+                                for s in scores))
+  out["interact_instances"] = int(sum(np.sum(~np.isnan(s["interact_accuracy"])) for s in scores
+                                      if s.get("interact_accuracy") is not None))
   return out
 
 
 def _steps_slice(score: Mapping[str, Any], t: int) -> dict[str, Any]:
-  return {k: (v[t - 1:t] if isinstance(v, np.ndarray) else v) for k, v in score.items()}
+  return {k: (v[t - 1:t] if isinstance(v, np.ndarray) and v.ndim >= 1 else v) for k, v in score.items()}
 
 
 def aggregate(scores: Sequence[Mapping[str, Any]], *, detector: Mapping[str, Any] | None = None
               ) -> dict[str, Any]:
   """Aggregates `score_rollout` outputs into the results dict that `results.json` holds.
 
-  Top level: each metric pooled over every rollout, `episodes`, `player_steps`, and `detector` (its accuracy on
-  real frames, `detector.detector_accuracy`, if given). `by_players[n]`: the same over rollouts with n players.
-  `by_step[t]`: the same over rollout step t of every rollout that has one. Keys of the breakdowns are strings
-  (JSON object keys).
+  Top level: each metric pooled over every rollout, `episodes`, `player_steps` (scored instances), and `detector`
+  (its accuracy on real frames, if given). `by_substrate[name]`: the same over rollouts of one Melting Pot
+  substrate or built-in layout. `by_players[n]`: over rollouts with n players. `by_step[t]`: over rollout step t
+  of every rollout that has one. Keys of the breakdowns are strings (JSON object keys).
   """
   if not scores:
     raise ValueError("no rollouts to aggregate, expected at least one score_rollout result")
-  results: dict[str, Any] = dict(_pool(scores), episodes=len(scores))
+  results: dict[str, Any] = dict(_pool(scores), episodes=len(scores),
+                                 sources=sorted({str(s.get("source")) for s in scores}))
   if detector is not None:
     results["detector"] = dict(detector)
+  substrates = sorted({s.get("substrate", "") for s in scores} - {""})
+  if substrates:
+    results["by_substrate"] = {
+        name: dict(_pool([s for s in scores if s.get("substrate") == name]),
+                   episodes=sum(s.get("substrate") == name for s in scores))
+        for name in substrates
+    }
   results["by_players"] = {
       str(n): dict(_pool([s for s in scores if s["num_players"] == n]),
                    episodes=sum(s["num_players"] == n for s in scores))
@@ -261,16 +313,29 @@ def _row(label: str, row: Mapping[str, Any]) -> str:
 
 
 def markdown_table(results: Mapping[str, Any]) -> str:
-  """The results as Markdown: one row for all rollouts, then one per player count, then one per rollout step.
-  MA = movement accuracy, SA = state accuracy, SP = subject preservation, interact = INTERACT effect accuracy,
-  extra = frames with a foreign player."""
+  """The results as Markdown: one row for all rollouts, then one per substrate (when several), per player count and
+  per rollout step. MA = movement accuracy, SA = state accuracy, SP = subject preservation, interact = INTERACT
+  effect accuracy, extra = frames with a foreign player."""
   header = "| | " + " | ".join(name for name, _, _ in _COLUMNS) + " | player-steps |"
   lines = [header, "|" + "---|" * (len(_COLUMNS) + 2), _row("all", results)]
+  by_substrate = results.get("by_substrate", {})
+  if len(by_substrate) > 1 or "meltingpot" in results.get("sources", ()):
+    lines += [_row(name, row) for name, row in by_substrate.items()]
   lines += [_row(f"{n} players", row) for n, row in results["by_players"].items()]
   lines += [_row(f"step {t}", row) for t, row in results["by_step"].items()]
   if "detector" in results:
     det = results["detector"]
     lines.append("")
-    lines.append(f"Detector on real frames: {det['player_accuracy']:.4f} of {det['player_instances']} player "
-                 f"instances exact (cell and facing); false detections in {det['false_detections']:.4f} of frames.")
+    acc = "n/a" if det.get("player_accuracy") is None else f"{det['player_accuracy']:.4f}"
+    lines.append(f"Detector on real frames: {acc} of {det['player_instances']} player instances exact (cell and "
+                 f"facing); false detections in {det['false_detections']:.4f} of frames.")
+    skipped = det.get("skipped_instances", 0)
+    if skipped:
+      lines.append(f"Not scored: {skipped} instances of players drawn alike ("
+                   + "; ".join(f"{name}: players {row['groups']}" for name, row in det.get("by_substrate", {}).items()
+                               if row.get("groups")) + ").")
+    for name, row in det.get("by_substrate", {}).items():
+      if row.get("facing_unreadable"):
+        lines.append(f"{name}: facing cannot be read for players {row['facing_unreadable']}; their movement is "
+                     "scored by the change of cell.")
   return "\n".join(lines)

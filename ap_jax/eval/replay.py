@@ -10,6 +10,9 @@ Returned arrays (T actions, P players, H, W pixels):
   positions     float32 [T+1, P, 2]     pixel centre on the frame, the dataset's `positions`
   orientations  int32   [T+1, P]
   items         bool    [T+1, Y, X]     where the items lie (built-in game only)
+  visible       bool    [T+1, P]        the avatar is drawn (Melting Pot only: False while zapped or caught)
+  grid          learned_detector.Grid   where the map's cells lie on the frame (Melting Pot only)
+  substrate     str                     the layout or substrate
   actions       int32   [T, P]          the actions replayed
   colors        uint8   [P, 3]
   cell_size     int
@@ -72,6 +75,7 @@ def replay_builtin(seed: int, layout: str | int, actions_TP: np.ndarray,
       "actions": actions_TP,
       "colors": gridgame.PLAYER_COLORS[:num_players].copy(),
       "cell_size": int(config.cell_size),
+      "substrate": gridgame.LAYOUTS[layout_idx],
       "source": "builtin",
   }
 
@@ -85,20 +89,26 @@ def replay_meltingpot(substrate: str, seed: int, actions_TP: np.ndarray, canvas_
 
   actions_TP = A.check_actions(actions_TP)
   raw = meltingpot.rollout(substrate, actions_TP.shape[1], actions_TP, int(seed))
+  from ap_jax.eval import learned_detector
+
   world = raw["world"]
-  k, (top, left) = meltingpot.canvas_layout(world.shape[1:3], tuple(canvas_hw), raw["sprite_size"])
-  cell_size = raw["sprite_size"] // k
+  grid = learned_detector.meltingpot_grid(world.shape[1:3], tuple(canvas_hw), raw["sprite_size"])
+  k = raw["sprite_size"] // grid.cell_size
   to_canvas = meltingpot._to_canvas  # pylint: disable=protected-access  # the dataset's own placement
-  frames = np.stack([to_canvas(w, k, (top, left), tuple(canvas_hw)) for w in world])
-  positions = np.array([top, left], np.float32) + (raw["cells"].astype(np.float32) + 0.5) * cell_size
+  frames = np.stack([to_canvas(w, k, (grid.top, grid.left), tuple(canvas_hw)) for w in world])
+  cells = raw["cells"].astype(np.int32)
+  colors = np.asarray(raw["colors"], np.uint8)
   return {
       "frames": frames,
-      "cells": raw["cells"].astype(np.int32),
-      "positions": positions.astype(np.float32),
+      "cells": cells,
+      "positions": grid.centres(cells),
       "orientations": raw["orientations"].astype(np.int32),
+      "visible": learned_detector.player_visible(frames, cells, colors, grid),
       "actions": actions_TP[:len(world) - 1],
-      "colors": np.asarray(raw["colors"], np.uint8),
-      "cell_size": int(cell_size),
+      "colors": colors,
+      "cell_size": int(grid.cell_size),
+      "grid": grid,
+      "substrate": substrate,
       "source": "meltingpot",
   }
 
