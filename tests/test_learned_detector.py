@@ -100,6 +100,7 @@ def test_save_and_load_round_trip(builtin_fit, tmp_path):
   path = builtin_fit.save(str(tmp_path / "d" / "builtin.npz"))
   loaded = L.TemplateDetector.load(path)
   assert loaded.grid == builtin_fit.grid and loaded.groups == builtin_fit.groups
+  np.testing.assert_array_equal(loaded.masks_LVD, builtin_fit.masks_LVD)
   assert [p.name for p in (tmp_path / "d").iterdir()] == ["builtin.npz"]  # no temporary file left behind
   frames, *_ = _builtin(range(980, 981), steps=3)
   np.testing.assert_array_equal(loaded.detect(frames).cells_NP2, builtin_fit.detect(frames).cells_NP2)
@@ -116,9 +117,16 @@ def test_fit_rejects_mismatched_shapes():
 # ------------------------------------------------------------------------------------------------------------
 # Melting Pot
 
-CANVAS = (200, 200)  # holds these substrates' world views unscaled (8 px cells)
-SUBSTRATES = {"commons_harvest__open": 4, "territory__inside_out": 3, "clean_up": 3,
-              "prisoners_dilemma_in_the_matrix__repeated": 2, "chemistry__two_metabolic_cycles": 3}
+CANVAS = (256, 256)  # holds these substrates' world views unscaled (8 px cells), as the dataset's default canvas
+# Distinct players: clean_up (in the default run), commons_harvest, territory (walls painted in the players'
+# colours). Drawn alike: chemistry (every avatar) and the *_in_the_matrix__repeated squares (all white).
+SUBSTRATES = {"clean_up": 3, "chemistry__two_metabolic_cycles": 3, "commons_harvest__open": 4,
+              "territory__inside_out": 3, "prisoners_dilemma_in_the_matrix__repeated": 2}
+# territory's paint beams cover the avatar they pass over in about 4% of held-out random-play instances (seen in
+# the frames); the metrics skip instances the true frame does not show readably.
+MIN_ACCURACY = {"territory__inside_out": 0.95}
+LOOK_ALIKE = ("chemistry__two_metabolic_cycles", "prisoners_dilemma_in_the_matrix__repeated")
+DEFAULT_RUN = ("clean_up", "chemistry__two_metabolic_cycles")  # the rest are marked slow (about 1 min each)
 
 
 @pytest.fixture(scope="module")
@@ -136,17 +144,31 @@ def _detector(substrate, players):
 
 
 @pytest.mark.meltingpot
-@pytest.mark.parametrize("substrate", sorted(SUBSTRATES))
+@pytest.mark.parametrize("substrate", [s if s in DEFAULT_RUN else pytest.param(s, marks=pytest.mark.slow)
+                                       for s in SUBSTRATES])
 def test_meltingpot_detector_reads_held_out_true_frames(mp, substrate):
   det = _detector(substrate, SUBSTRATES[substrate])
   check = det.info["check"]
-  if substrate.startswith("chemistry"):  # every avatar is drawn alike: identity cannot be read, and it says so
+  if substrate in LOOK_ALIKE:  # every avatar is drawn alike: identity cannot be read, and it says so
     assert check["groups"] == [list(range(SUBSTRATES[substrate]))] and check["player_instances"] == 0
+    assert check["player_accuracy"] is None and check["skipped_instances"] > 0
     return
-  assert check["player_accuracy"] >= 0.99, check
+  assert check["groups"] == []
+  assert check["player_accuracy"] >= MIN_ACCURACY.get(substrate, 0.99), check
   assert check["false_detections"] <= 0.01, check
-  if substrate.endswith("in_the_matrix__repeated"):  # coloured squares: no facing to read
-    assert check["facing_unreadable"] == list(range(SUBSTRATES[substrate]))
+
+
+@pytest.mark.meltingpot
+@pytest.mark.slow
+def test_colours_drawn_per_episode_are_not_guessed(mp):
+  """coins draws its two players' colours per episode: the detector reads only episodes of its fitted colours,
+  and scoring an episode of other colours leaves every player unscored instead of guessing."""
+  det = _detector("coins", 2)
+  assert det.info["colours_vary_by_episode"]
+  other = next(t for t in L._random_rollouts("coins", 2, CANVAS, range(20), 4)
+               if not np.array_equal(t["colors"], det.colors))
+  scores = metrics.score_rollout(other["frames"], other, reader=det)
+  assert np.isnan(scores["movement_accuracy"]).all() and np.isnan(scores["subject_preservation"]).all()
 
 
 @pytest.mark.meltingpot

@@ -202,7 +202,9 @@ def score_rollout(gen_frames_THWC: np.ndarray, truth: Mapping[str, Any], *,
   where not scored; None for Melting Pot), extra_players (bool [T]; None for Melting Pot), psnr and ssim
   (float [T]). Built-in game: every (player, step) is scored (bool arrays). Melting Pot: float arrays with NaN
   where a player is not scored: removed from the board (truth `visible`) at either frame of the step, or drawn like
-  another player (the detector's `groups`); a player whose facings look alike is scored on its change of cell.
+  another player (the detector's `groups`), or not read in the true frame itself (`unreadable_in_truth` counts
+  these instances: e.g. an avatar under another player's beam); a player whose facings look alike is scored on
+  its change of cell.
   """
   source = truth.get("source")
   true_frames = np.asarray(truth["frames"])
@@ -226,8 +228,15 @@ def score_rollout(gen_frames_THWC: np.ndarray, truth: Mapping[str, Any], *,
                 extra_players=det.extra_N[1:] > 0)
   reader = reader if reader is not None else truth_detector(truth)
   det = reader.detect(gen)
-  visible = np.asarray(truth["visible"], bool)
-  identifiable = reader.identifiable[None, :]
+  # A player is judged only where the true frame shows it readably: drawn (not removed), and read by the detector
+  # in its true cell (not hidden under another player's beam, say). Players of other colours than the detector
+  # was fitted on (substrates that colour players per episode) cannot be read at all.
+  true_det = reader.detect(true_frames)
+  readable = (np.asarray(truth["visible"], bool) & (true_det.count_NP == 1)
+              & np.all(true_det.cells_NP2 == cells, axis=-1))
+  visible = readable
+  same_colours = np.array_equal(np.asarray(truth["colors"], np.uint8), reader.colors)
+  identifiable = reader.identifiable[None, :] & same_colours
   # Facing that cannot be read counts as read correctly: such a player is judged on its change of cell alone.
   unreadable = ~reader.facing_readable[None, :]
   facing_det = np.where(unreadable, orientations, det.facing_NP)
@@ -235,6 +244,7 @@ def score_rollout(gen_frames_THWC: np.ndarray, truth: Mapping[str, Any], *,
   step_scored = visible[1:] & visible[:-1] & identifiable
   frame_scored = visible[1:] & identifiable
   return dict(base,
+              unreadable_in_truth=int(np.sum(np.asarray(truth["visible"], bool) & ~readable)),
               movement_accuracy=_masked(movement_accuracy(det_read, cells, orientations), step_scored),
               state_accuracy=_masked(state_accuracy(det_read, cells, orientations), frame_scored),
               subject_preservation=_masked(subject_preservation(det), frame_scored),
