@@ -6,6 +6,12 @@ slots, 4-action clips.
   ap-jax train --config configs/meltingpot.py:autoencoder --workdir runs/mp/ae
   ap-jax train --config configs/meltingpot.py --workdir runs/mp/dit --config.autoencoder_workdir=runs/mp/ae
 
+Held-out substrates: generate a second dataset of substrates not in training (same canvas), then
+  ap-jax eval --workdir runs/mp/dit --data data/meltingpot_heldout --split test --episodes 32 --steps 20 \
+      --out heldout.json
+and `ap-jax eval --oracle --data DIR --split test ...` gives the metric pipeline's ceiling on the same episodes.
+Frames are scored by detectors learned per substrate (ap_jax/eval/learned_detector.py).
+
 Hardware: one accelerator or a TPU slice (data parallel). Expected: not yet measured (see README).
 """
 

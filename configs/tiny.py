@@ -6,12 +6,12 @@ Autoencoder, then denoiser (the denoiser reads the autoencoder's workdir):
   ap-jax train --config configs/tiny.py --workdir runs/tiny/dit --config.autoencoder_workdir=runs/tiny/ae
 
 Hardware: 2 CPU cores (float32). First use generates the built-in dataset (2,000 episodes of 16 steps, 2-4
-players, 64x64 frames) into ~/.cache/ap_jax (about 10 s). Measured on 2 CPU cores (`ap-jax demo`, 22.9 min end to
-end on a slow day): the autoencoder, 1,200 steps in 5.9 min; the denoiser, encoding the training episodes once,
-then 3,600 steps of batch 16 (0.18-0.26 s/step), 16.2 min together. On 24 held-out test episodes of 16 steps it
-scores movement accuracy 0.823 and subject preservation 0.882 (first step 0.957 / 1.0; holding the initial frame:
-0.460 / 1.0); three times the compute meets the targets (0.955 / 0.970). README "The main job and the
-comparison"; the recipe's deviations from the paper are measured in docs/research_log.md.
+players, 64x64 frames) into ~/.cache/ap_jax (about 10 s). The denoiser step costs about 0.2 s on 2 CPU cores
+(batch 16), so this config's 3,600 steps take about 12 min after the latents are encoded (2 min). `ap-jax demo`
+trains the autoencoder 800 and the denoiser 2,800 steps to fit 20 min (17.5 min measured; test movement accuracy
+0.738, subject preservation 0.812); 3,600 steps after 1,200 autoencoder steps scored 0.823 / 0.882 (22.9 min), and
+batch 48 x 3,600 steps meets the targets (0.955 / 0.970). README "The main job and the comparison"; the recipe's
+deviations from the paper are measured in docs/research_log.md.
 
 Arguments (comma-separated after the colon): `autoencoder` selects that stage; `runlocal` shrinks the run to a
 smoke test (a few steps, small batch).
