@@ -234,21 +234,20 @@ def score_rollout(gen_frames_THWC: np.ndarray, truth: Mapping[str, Any], *,
   true_det = reader.detect(true_frames)
   readable = (np.asarray(truth["visible"], bool) & (true_det.count_NP == 1)
               & np.all(true_det.cells_NP2 == cells, axis=-1))
-  visible = readable
   same_colours = np.array_equal(np.asarray(truth["colors"], np.uint8), reader.colors)
   identifiable = reader.identifiable[None, :] & same_colours
   # Facing that cannot be read counts as read correctly: such a player is judged on its change of cell alone.
   unreadable = ~reader.facing_readable[None, :]
   facing_det = np.where(unreadable, orientations, det.facing_NP)
   det_read = dataclasses.replace(det, facing_NP=facing_det)
-  step_scored = visible[1:] & visible[:-1] & identifiable
-  frame_scored = visible[1:] & identifiable
+  step_scored = readable[1:] & readable[:-1] & identifiable
+  frame_scored = readable[1:] & identifiable
   return dict(base,
               unreadable_in_truth=int(np.sum(np.asarray(truth["visible"], bool) & ~readable)),
               movement_accuracy=_masked(movement_accuracy(det_read, cells, orientations), step_scored),
               state_accuracy=_masked(state_accuracy(det_read, cells, orientations), frame_scored),
               subject_preservation=_masked(subject_preservation(det), frame_scored),
-              tracking_error_px=None if tracking is None else _masked(tracking, visible[1:]),
+              tracking_error_px=None if tracking is None else _masked(tracking, readable[1:]),
               interact_accuracy=None,
               extra_players=None)
 
