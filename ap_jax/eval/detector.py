@@ -180,6 +180,17 @@ def detect(frames: np.ndarray, colors: np.ndarray, cell_size: int, *, max_rms: f
   player = np.where(kind == KIND_PLAYER, colour_idx, -1)
   facing = np.where(kind == KIND_PLAYER, facing, -1)
 
+  extra_N = np.sum(kind.reshape(n, -1) == KIND_EXTRA_PLAYER, axis=1).astype(np.int32)
+  return from_cells(kind, player, facing, rms, tuple(lead), (ny, nx), num_players,
+                    lambda cells: (cells + 0.5) * s, extra_N.reshape(lead))
+
+
+def from_cells(kind: np.ndarray, player: np.ndarray, facing: np.ndarray, rms: np.ndarray, lead: tuple[int, ...],
+               grid_yx: tuple[int, int], num_players: int, centres, extra_N: np.ndarray) -> Detections:
+  """`Detections` from per-cell readings (kind, player, facing, rms; any shape holding lead x Y x X values): the
+  per-player counts, best-matching cell (smallest rms), its facing and pixel centre (`centres(cells [..., 2])`)."""
+  ny, nx = grid_yx
+  n = int(np.prod(lead, dtype=np.int64))
   player_NC = player.reshape(n, ny * nx)
   rms_NC = rms.reshape(n, ny * nx)
   onehot_NCP = player_NC[:, :, None] == np.arange(num_players)[None, None, :]
@@ -188,9 +199,7 @@ def detect(frames: np.ndarray, colors: np.ndarray, cell_size: int, *, max_rms: f
   present = count_NP > 0
   cells_NP2 = np.where(present[..., None], np.stack([best_cell_NP // nx, best_cell_NP % nx], axis=-1), -1)
   facing_NP = np.where(present, np.take_along_axis(facing.reshape(n, -1), best_cell_NP, axis=1), -1)
-  centres_NP2 = np.where(present[..., None], (cells_NP2 + 0.5) * s, np.nan).astype(np.float32)
-  extra_N = np.sum(kind.reshape(n, -1) == KIND_EXTRA_PLAYER, axis=1).astype(np.int32)
-
+  centres_NP2 = np.where(present[..., None], centres(cells_NP2), np.nan).astype(np.float32)
   grid = (*lead, ny, nx)
   per_player = (*lead, num_players)
   return Detections(
@@ -202,7 +211,7 @@ def detect(frames: np.ndarray, colors: np.ndarray, cell_size: int, *, max_rms: f
       cells_NP2=cells_NP2.reshape(*per_player, 2).astype(np.int32),
       facing_NP=facing_NP.reshape(per_player).astype(np.int32),
       centres_NP2=centres_NP2.reshape(*per_player, 2),
-      extra_N=extra_N.reshape(lead),
+      extra_N=np.asarray(extra_N, np.int32).reshape(lead),
   )
 
 

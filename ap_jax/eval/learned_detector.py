@@ -345,27 +345,8 @@ class TemplateDetector:
     player = np.where(rejected, -1, player)
     facing = np.where(rejected, -1, facing)
 
-    m = int(np.prod(lead, dtype=np.int64))
-    player_MC, rms_MC = player.reshape(m, r * c), rms.reshape(m, r * c)
-    onehot = player_MC[:, :, None] == np.arange(self.num_players)[None, None, :]
-    count = onehot.sum(axis=1).astype(np.int32)
-    best_cell = np.argmin(np.where(onehot, rms_MC[:, :, None], np.inf), axis=1)
-    present = count > 0
-    cells = np.where(present[..., None], np.stack([best_cell // c, best_cell % c], axis=-1), -1)
-    facing_MP = np.where(present, np.take_along_axis(facing.reshape(m, -1), best_cell, axis=1), -1)
-    centres = np.where(present[..., None], self.grid.centres(cells), np.nan).astype(np.float32)
-    per_player = (*lead, self.num_players)
-    return detector_lib.Detections(
-        kind_NYX=kind.reshape(*lead, r, c).astype(np.int32),
-        player_NYX=player.reshape(*lead, r, c).astype(np.int32),
-        facing_NYX=facing.reshape(*lead, r, c).astype(np.int32),
-        rms_NYX=rms.reshape(*lead, r, c),
-        count_NP=count.reshape(per_player),
-        cells_NP2=cells.reshape(*per_player, 2).astype(np.int32),
-        facing_NP=facing_MP.reshape(per_player).astype(np.int32),
-        centres_NP2=centres.reshape(*per_player, 2),
-        extra_N=np.zeros(lead, np.int32),
-    )
+    return detector_lib.from_cells(kind, player, facing, rms, tuple(lead), (r, c), self.num_players,
+                                   self.grid.centres, np.zeros(lead, np.int32))
 
   def accuracy(self, frames: np.ndarray, cells: np.ndarray, orientations: np.ndarray, visible: np.ndarray
                ) -> dict[str, Any]:
