@@ -67,6 +67,30 @@ def test_pipeline_clips_match_their_episodes(data_dir):
       np.testing.assert_array_equal(batch["orientations"][b][:, slot], ep["orientations"][start:start + 4, p])
 
 
+def test_latent_episodes_give_the_same_clips_with_latents_for_frames(data_dir):
+  # data.cache_latents: episodes held in memory with their latents; every clip is the stored source's clip (same
+  # windows, slot permutations and per-player arrays) with the latents cut like the frames, and no frames.
+  source = dataset.open_split(data_dir, "train")
+  latents = np.random.default_rng(0).normal(size=(len(source), 7, 2, 2, 3)).astype(np.float32)
+  held = pipeline.LatentEpisodes(source, latents)
+  config = pipeline.PipelineConfig(clip_steps=3, global_batch_size=4, max_players=8)
+  stored = pipeline.make_dataset(source, config, process_index=0, process_count=1)
+  cached = pipeline.make_dataset(held, config, process_index=0, process_count=1)
+  index = {source[i]["seed"]: i for i in range(len(source))}
+  for want, got, _ in zip(stored, cached, range(10)):  # past the first epoch of 32 / 4 batches
+    assert "frames" not in got and set(want) - {"frames"} == set(got) - {"latents"}
+    for key in got:
+      if key != "latents":
+        np.testing.assert_array_equal(got[key], want[key])
+    for b in range(4):
+      start = int(got["start"][b])
+      np.testing.assert_array_equal(got["latents"][b], latents[index[int(got["seed"][b])]][start:start + 4])
+  with pytest.raises(ValueError, match="3 latent episodes for a source of 32"):
+    pipeline.LatentEpisodes(source, latents[:3])
+  with pytest.raises(ValueError, match="neither frames nor latents"):
+    pipeline.make_clip({k: v for k, v in source[0].items() if k != "frames"}, config)
+
+
 def test_slot_permutation_varies_and_can_be_disabled(data_dir):
   source = dataset.open_split(data_dir, "train")
   on = pipeline.PipelineConfig(clip_steps=2, global_batch_size=8)

@@ -124,13 +124,17 @@ def test_cached_latents_match_encoding_each_batch():
   assert "latents" in cached_stage.batch_keys and "frames" not in cached_stage.batch_keys
   latents = trainer.encode_source(trainer.open_source(config), vae_params, stage.model_config, batch_frames=40,
                                   progress=False)
-  batch = next(trainer.build_data(config, latents=latents))
+  batch = next(trainer.build_data(config))  # the same clips, carrying frames
+  cached_batch = next(trainer.build_data(config, latents=latents))
+  assert "frames" not in cached_batch
+  np.testing.assert_array_equal(cached_batch["start"], batch["start"])
   expect = vae_lib.vae_encode(vae_params, stage.model_config, batch["frames"])
-  np.testing.assert_allclose(batch["latents"], expect, atol=2e-5)
+  np.testing.assert_allclose(cached_batch["latents"], expect, atol=2e-5)
   params = stage.init(jax.random.PRNGKey(0))
   rng = jax.random.PRNGKey(3)
   loss, _ = stage.loss(params, {k: batch[k] for k in stage.batch_keys}, rng, vae_params)
-  cached_loss, _ = cached_stage.loss(params, {k: batch[k] for k in cached_stage.batch_keys}, rng, vae_params)
+  cached_loss, _ = cached_stage.loss(params, {k: cached_batch[k] for k in cached_stage.batch_keys}, rng,
+                                     vae_params)
   np.testing.assert_allclose(float(cached_loss), float(loss), rtol=1e-4)
 
 

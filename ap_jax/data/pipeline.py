@@ -31,7 +31,8 @@ A clip (dimension letters: B batch, T = clip_steps, P = max_players, H, W pixels
   num_players   int32   [B]
   seed          int64   [B]              the episode's seed
   start         int32   [B]              the window's first frame in the episode
-  latents       float32 [B, T+1, h, w, c] only for a source with precomputed latents (`WithLatents`)
+  latents       float32 [B, T+1, h, w, c] only for a source with precomputed latents (`LatentEpisodes`), whose
+                clips carry no frames
 """
 
 from __future__ import annotations
@@ -97,30 +98,30 @@ def make_clip(episode: dict[str, Any], config: PipelineConfig, rng: np.random.Ge
     raise ValueError(f"episode seed {episode.get('seed')} has {players} players, but max_players = {p_max}")
   if start is None:
     start = int(rng.integers(0, steps - t + 1)) if rng is not None else 0
-  frames = np.asarray(episode["frames"])[start:start + t + 1]
+  frames = None if "frames" not in episode else np.asarray(episode["frames"])[start:start + t + 1]
   latents = None if "latents" not in episode else np.asarray(episode["latents"], np.float32)[start:start + t + 1]
+  if frames is None and latents is None:
+    raise ValueError(f"episode seed {episode.get('seed')} carries neither frames nor latents")
 
-  def pad(x, fill=0):  # per-player arrays here are [time, player, ...]
+  def pad(x, fill=0):  # per-player arrays here are [time, player, ...] (np.pad cost 4x this per clip)
     x = np.asarray(x)
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (0, p_max - players)
-    return np.pad(x, widths, constant_values=fill)
+    out = np.full((x.shape[0], p_max) + x.shape[2:], fill, x.dtype)
+    out[:, :players] = x
+    return out
 
   clip_actions = pad(actions[start:start + t], A.NOOP)
   positions = pad(np.asarray(episode["positions"])[start:start + t + 1])
   orientations = pad(np.asarray(episode["orientations"])[start:start + t + 1])
   mask = np.arange(p_max) < players
-  colors = np.pad(np.asarray(episode["colors"], np.uint8), [(0, p_max - players), (0, 0)])
+  colors = np.zeros((p_max, 3), np.uint8)
+  colors[:players] = episode["colors"]
   if config.permute_players and rng is not None:
     perm = rng.permutation(p_max)
     clip_actions, positions, orientations = clip_actions[:, perm], positions[:, perm], orientations[:, perm]
     mask, colors = mask[perm], colors[perm]
-  if config.frames_dtype == "float32":
-    frames = frames.astype(np.float32) * (2.0 / 255.0) - 1.0
-  elif config.frames_dtype != "uint8":
+  if config.frames_dtype not in ("float32", "uint8"):
     raise ValueError(f"frames_dtype = {config.frames_dtype!r}, expected 'float32' or 'uint8'")
   clip = dict(
-      frames=frames,
       actions=clip_actions.astype(np.int32),
       positions=positions.astype(np.float32),
       orientations=orientations.astype(np.int32),
@@ -130,26 +131,34 @@ def make_clip(episode: dict[str, Any], config: PipelineConfig, rng: np.random.Ge
       seed=np.int64(episode["seed"]),
       start=np.int32(start),
   )
+  if frames is not None:
+    clip["frames"] = frames.astype(np.float32) * (2.0 / 255.0) - 1.0 if config.frames_dtype == "float32" else frames
   if latents is not None:
     clip["latents"] = latents
   return clip
 
 
-class WithLatents:
-  """A random-access episode source whose episodes also carry precomputed denoiser latents [T+1, h, w, c]
-  (`latents[i]` for episode i), which `make_clip` cuts like the frames (key `latents`)."""
+class LatentEpisodes:
+  """A source's episodes held in host memory with precomputed denoiser latents [T+1, h, w, c] (`latents[i]` for
+  episode i) in place of their frames; `make_clip` cuts the latents like the frames (key `latents`).
+
+  With the frozen autoencoder's latents cached (`data.cache_latents`) the training step never reads pixels. Each
+  episode's small arrays (actions, positions, facings, colours) are read once here, so a clip costs a slice of
+  host memory instead of an ArrayRecord read and decode each time: the read was half of the 1.1 ms per clip that
+  made the tiny denoiser's step input-bound on a GPU (docs/research_log.md entry 18)."""
 
   def __init__(self, source: RandomAccessSource, latents: np.ndarray):
     if len(latents) != len(source):
       raise ValueError(f"{len(latents)} latent episodes for a source of {len(source)} episodes")
-    self._source, self._latents = source, latents
+    self._episodes = [{k: v for k, v in source[i].items() if k != "frames"} for i in range(len(source))]
+    self._latents = latents
     self.info = getattr(source, "info", None)
 
   def __len__(self) -> int:
-    return len(self._source)
+    return len(self._episodes)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return dict(self._source[index], latents=self._latents[index])
+    return dict(self._episodes[index], latents=self._latents[index])
 
 
 class LiveEpisodeSource:

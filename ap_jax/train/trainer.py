@@ -237,7 +237,7 @@ def encode_source(source, vae_params, model_config, *, batch_frames: int = 128, 
 
 def build_data(config: ml_collections.ConfigDict, split: str = "train", latents: np.ndarray | None = None):
   """The Grain iterator of this process's shard of the training data (global batch / process count); with
-  `latents` (`encode_source`), clips carry them."""
+  `latents` (`encode_source`), clips carry them instead of frames."""
   data = config.data
   pipe = pipeline_lib.PipelineConfig(
       clip_steps=int(data.clip_steps), max_players=int(config.model.max_players),
@@ -246,7 +246,7 @@ def build_data(config: ml_collections.ConfigDict, split: str = "train", latents:
       prefetch_buffer_size=int(data.prefetch_buffer_size))
   source = open_source(config, split)
   if latents is not None:
-    source = pipeline_lib.WithLatents(source, latents)
+    source = pipeline_lib.LatentEpisodes(source, latents)
   return iter(pipeline_lib.make_dataset(source, pipe))
 
 
