@@ -237,14 +237,21 @@ def plot(report: dict, path: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for ax, key, title in ((axes[0], "movement_accuracy", "movement accuracy"),
                          (axes[1], "subject_preservation", "subject preservation")):
-    for variant in dict.fromkeys(a["variant"] for a in report["arms"]):
-      points = sorted((a["train_flops"], a[key], a) for a in report["arms"]
-                      if a["variant"] == variant and a.get("train_flops") and a.get(key) is not None)
-      if points:
-        ax.plot([x for x, _, _ in points], [y for _, y, _ in points], marker="o", label=variant)
-        for x, y, a in points:
-          ax.annotate(f"b{a['batch']}x{a.get('reached_step')}", (x, y), fontsize=7, textcoords="offset points",
-                      xytext=(3, 3))
+    for i, variant in enumerate(dict.fromkeys(a["variant"] for a in report["arms"])):
+      color = f"C{i}"
+      points = sorted(((a["train_flops"], a[key], a) for a in report["arms"]
+                       if a["variant"] == variant and a.get("train_flops") and a.get(key) is not None),
+                      key=lambda p: p[0])
+      done = [(x, y) for x, y, a in points if not a.get("cut")]
+      if done:  # runs that finished their schedule: the curve
+        ax.plot([x for x, _ in done], [y for _, y in done], marker="o", color=color, label=variant)
+      cut = [(x, y) for x, y, a in points if a.get("cut")]
+      if cut:  # runs stopped at the deadline, mid-schedule (learning rate not decayed): hollow, unjoined
+        ax.scatter([x for x, _ in cut], [y for _, y in cut], facecolors="none", edgecolors=color,
+                   label=f"{variant} (cut at the deadline)")
+      for x, y, a in points:
+        ax.annotate(f"b{a['batch']}x{a.get('reached_step')}", (x, y), fontsize=7, textcoords="offset points",
+                    xytext=(3, 3))
     holds = [a["hold_initial_frame"][key] for a in report["arms"] if a.get("hold_initial_frame")]
     if holds:
       ax.axhline(holds[0], color="gray", linestyle="--", label="hold the initial frame")
