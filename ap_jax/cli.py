@@ -417,7 +417,58 @@ def cmd_eval(args) -> int:
 
 # ------------------------------------------------------------------------------------------------ main
 
-COMMANDS = [add_data, add_show, add_train, add_sample, add_eval, add_demo, add_compare]
+# ------------------------------------------------------------------------------------------------ bench
+
+
+def add_bench(sub):
+  p = sub.add_parser("bench", help="benchmarks: training step, input pipeline, sampling (tables + JSON)",
+                     description="Measure on this machine what a training step, the input pipeline and sampling "
+                     "cost (ap_jax/bench.py says what each reports). Prints tables; --json writes every row.")
+  p.add_argument("what", choices=("step", "data", "sampling", "all"))
+  p.add_argument("--configs", default="tiny,small", help="step: comma-separated config names or files")
+  p.add_argument("--sampling-config", default="tiny", help="sampling: the config whose model is timed")
+  p.add_argument("--batch", type=int, default=16, help="data: batch size (the step is timed at this batch too)")
+  p.add_argument("--workers", default="0,1,2,4", help="data: Grain worker process counts")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--quick", action="store_true", help="fewer repeats and batches (a smoke run)")
+  p.add_argument("--json", default=None, help="write the results here")
+  p.set_defaults(func=cmd_bench, accepts_config_overrides=True)
+
+
+def cmd_bench(args) -> int:
+  from ap_jax import bench
+
+  repeats = 2 if args.quick else args.repeats
+  result: dict = dict(machine=bench.machine())
+  print(f"machine: {json.dumps(result['machine'])}")
+  step_rows = []
+  if args.what in ("step", "all", "data"):
+    configs = [c for c in args.configs.split(",") if c] if args.what != "data" else ["tiny"]
+    for name in configs:
+      overrides = list(args.overrides) + ([f"--config.data.global_batch_size={args.batch}"]
+                                          if args.what == "data" else [])
+      step_rows.append(bench.step_benchmark(name, overrides, repeats=repeats, inner=2 if args.quick else 5))
+    result["step"] = step_rows
+    print("\ntraining step (denoiser)\n" + bench.step_table(step_rows))
+  if args.what in ("data", "all"):
+    tiny = next((r for r in step_rows if r["config"] == "tiny" and r["batch"] == args.batch), None)
+    result["data"] = bench.data_benchmark(batch=args.batch, workers=[int(w) for w in args.workers.split(",")],
+                                          batches=10 if args.quick else 40, episodes=60 if args.quick else 300,
+                                          game_episodes=16 if args.quick else 256,
+                                          step_s=tiny["step_s"] if tiny else None)
+    print("\ninput pipeline (clips/s; headroom: pipeline rate over the tiny step's consumption at this batch)\n"
+          + bench.data_table(result["data"]))
+  if args.what in ("sampling", "all"):
+    result["sampling"] = bench.sampling_benchmark(args.sampling_config, steps=4 if args.quick else 8,
+                                                  repeats=1 if args.quick else 3)
+    print("\nsampling (random weights)\n" + bench.sampling_table(result["sampling"]))
+  if args.json:
+    bench.write_json(result, args.json)
+    print(f"\nwrote {args.json}")
+  return 0
+
+
+COMMANDS = [add_data, add_show, add_train, add_sample, add_eval, add_demo, add_compare, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

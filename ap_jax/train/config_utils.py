@@ -37,10 +37,12 @@ def config_args(arg: str | None, known: Sequence[str]) -> set[str]:
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path/to/config.py[:arg]`."""
+  """Loads `path/to/config.py[:arg]`, or `NAME[:arg]` for `configs/NAME.py`."""
   path, _, arg = spec.partition(":")
+  here = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+  if not os.path.exists(path) and os.sep not in path and not path.endswith(".py"):
+    path = os.path.join(here, f"{path}.py")  # a bare name: `tiny` is configs/tiny.py
   if not os.path.exists(path):
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
     choices = sorted(f for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_")) \
         if os.path.isdir(here) else []
     raise ConfigError(f"config file {path!r} does not exist; configs in {here}: {', '.join(choices)}")

@@ -674,7 +674,7 @@ def _train(config, workdir, *, fresh, progress, stop, resources) -> dict:
   analytic = analytic_step_flops(config, stage)
   flops = analytic / mesh.devices.size
   b = int(config.data.global_batch_size)
-  tokens_per_example = _tokens_per_example(config, stage)
+  example_tokens = tokens_per_example(config, stage)
   summary = dict(stage=stage.name, model=config.get("model_name"), mesh=mesh_lib.describe(mesh),
                  processes=jax.process_count(), device=getattr(device, "device_kind", str(device)),
                  parameters=num_params, flops_per_step=analytic, flops_per_step_per_device=flops,
@@ -747,7 +747,7 @@ def _train(config, workdir, *, fresh, progress, stop, resources) -> dict:
     dt = (now - last_time) / max(1, s - last_step)
     last_time, last_step = now, s
     host = {k: float(v) for k, v in row.items()}
-    host.update(step_time_s=dt, examples_per_s=b / dt, tokens_per_s=b * tokens_per_example / dt,
+    host.update(step_time_s=dt, examples_per_s=b / dt, tokens_per_s=b * example_tokens / dt,
                 mfu=(flops / dt / peak) if (flops and peak) else None)
     writer.write(s, host)
     history.append(dict(step=s, loss=host["loss"], step_time_s=dt))
@@ -814,7 +814,8 @@ def analytic_step_flops(config, stage: Stage) -> float:
   return encode + flops_lib.denoiser_train_step_flops(stage.model_config, b, dit_frames, latent_hw)
 
 
-def _tokens_per_example(config, stage: Stage) -> int:
+def tokens_per_example(config, stage: Stage) -> int:
+  """Tokens one training example puts through the model (pixels for the autoencoder)."""
   data = config.data
   h, w = frame_hw(config)
   frames = int(data.clip_steps) + 1

@@ -1,0 +1,279 @@
+"""`ap-jax bench`: what training and sampling cost, measured on this machine. Each benchmark prints a table and
+returns (and with `--json`, writes) its rows; `BENCHMARKS.md` holds the latest tables and the commands.
+
+  step      the denoiser's training step (forward, backward, AdamW, EMA) per config: median step time,
+            examples/s, tokens/s, achieved FLOP/s (analytic FLOPs), MFU where the device's peak is known, compiled
+            memory per device and, where the device reports it, its peak memory in use
+  data      the input pipeline per source (stored episodes with frames; cached latents held in memory; live
+            built-in episodes) and Grain worker count, in clips/s, beside what the step consumes (the
+            headroom: pipeline clips/s over the step's; below 1 the step waits for data); built-in game steps/s
+  sampling  autoregressive rollouts of a model with random weights (the cost does not depend on the weights):
+            generated frames/s and latency per generated step against players, denoising steps, batch and the
+            KV cache, with the compile time of the first rollout
+
+Timings are medians over repeats after a warm-up that includes compilation; compare numbers from one run only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ap_jax import actions as A
+
+
+def machine() -> dict[str, Any]:
+  device = jax.devices()[0]
+  return dict(platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version(),
+              jax=jax.__version__, backend=jax.default_backend(), devices=jax.device_count(),
+              device_kind=getattr(device, "device_kind", str(device)))
+
+
+def median_seconds(fn: Callable[[], Any], *, repeats: int, inner: int = 1) -> float:
+  """Median over `repeats` of the wall time of `inner` calls of `fn` (which must block on its result), per call."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(inner):
+      fn()
+    times.append((time.perf_counter() - start) / inner)
+  return statistics.median(times)
+
+
+def _config(name: str, overrides: Sequence[str] = ()):
+  from ap_jax.train import config_utils
+
+  return config_utils.apply_overrides(config_utils.load_config(name), list(overrides))
+
+
+def _random_batch(shapes: dict, config, rng: np.random.Generator) -> dict[str, jax.Array]:
+  """A batch of the step's shapes: random latents/frames, actions, positions inside the frame, 2..P players."""
+  from ap_jax.train import trainer
+
+  h, w = trainer.frame_hw(config)
+  out = {}
+  for key, s in shapes.items():
+    if key in ("latents", "frames"):
+      value = rng.uniform(-1, 1, s.shape)
+    elif key == "actions":
+      value = rng.integers(0, A.NUM_ACTIONS, s.shape)
+    elif key == "positions":
+      value = rng.uniform(0, 1, s.shape) * np.array([h, w])
+    elif key == "orientations":
+      value = rng.integers(0, A.NUM_ORIENTATIONS, s.shape)
+    elif key == "player_mask":
+      value = np.arange(s.shape[1])[None] < rng.integers(2, s.shape[1] + 1, (s.shape[0], 1))
+    else:
+      raise KeyError(f"no random batch for key {key!r}")
+    out[key] = jax.device_put(np.asarray(value, s.dtype), s.sharding)
+  return out
+
+
+def step_benchmark(config_name: str, overrides: Sequence[str] = (), *, repeats: int = 5, inner: int = 5) -> dict:
+  """One row: the denoiser training step of `config_name` (with `overrides`) on this process's devices."""
+  from ap_jax.model import vae as vae_lib
+  from ap_jax.train import mesh as mesh_lib, optim as optim_lib, trainer
+
+  config = _config(config_name, overrides)
+  config.stage = "denoiser"
+  mesh = mesh_lib.build_mesh(config.mesh)
+  rules = mesh_lib.rules_from_config(config)
+  mesh_lib.check_batch(int(config.data.global_batch_size), mesh, rules)
+  vae_params = jax.jit(lambda key: vae_lib.vae_init(key, config.model))(jax.random.PRNGKey(1))  # one compile
+  stage = trainer.build_stage(config, frozen=vae_params, meta=dict(latent_shift=0.0, latent_scale=1.0))
+  tx, schedule = optim_lib.build_optimizer(config.optim, int(config.total_steps))
+  init_fn, shardings, abstract = trainer.build_state(config, stage, tx, mesh, rules)
+  start = time.perf_counter()
+  step_fn, analysis, frozen_shardings = trainer.build_step(config, stage, tx, schedule, mesh, rules, shardings,
+                                                           abstract)
+  compile_s = time.perf_counter() - start
+  state = init_fn(jax.random.PRNGKey(0))
+  frozen = jax.device_put(vae_params, frozen_shardings)
+  batch = _random_batch(trainer.batch_shapes(config, stage, mesh, rules), config, np.random.default_rng(0))
+  holder = [state]
+
+  def one_step():
+    holder[0], metrics = step_fn(holder[0], batch, frozen)
+    jax.block_until_ready(metrics["loss"])
+
+  one_step()  # warm-up
+  seconds = median_seconds(one_step, repeats=repeats, inner=inner)
+  b = int(config.data.global_batch_size)
+  flops = trainer.analytic_step_flops(config, stage)
+  device = jax.devices()[0]
+  peak = trainer.peak_flops(device)
+  memory = (analysis.get("memory_bytes_per_device") or {}).get("total")
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  return dict(config=config_name, overrides=list(overrides), batch=b, clip_steps=int(config.data.clip_steps),
+              frame_hw=list(trainer.frame_hw(config)), subject_tokens=bool(config.model.dit.subject_tokens),
+              dtype=str(config.model.dit.get("dtype", "float32")), devices=mesh.devices.size,
+              parameters=int(sum(x.size for x in jax.tree.leaves(abstract["params"]))),
+              step_s=seconds, examples_per_s=b / seconds,
+              tokens_per_s=b * trainer.tokens_per_example(config, stage) / seconds,
+              flops_per_step=flops, achieved_flops_per_s=flops / seconds,
+              mfu=(flops / mesh.devices.size / seconds / peak) if peak else None, compile_s=compile_s,
+              compiled_memory_bytes=memory,
+              peak_memory_bytes=(stats or {}).get("peak_bytes_in_use"))
+
+
+def pipeline_clips_per_second(source, *, batch: int, clip_steps: int, workers: int, batches: int) -> float:
+  from ap_jax.data import pipeline
+
+  config = pipeline.PipelineConfig(clip_steps=clip_steps, global_batch_size=batch, worker_count=workers,
+                                   read_threads=2)
+  it = iter(pipeline.make_dataset(source, config, process_index=0, process_count=1))
+  try:
+    for _ in range(3):  # warm-up: worker start, first reads
+      next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    return batches * batch / (time.perf_counter() - start)
+  finally:
+    close = getattr(it, "close", None)
+    if close is not None:
+      close()
+
+
+def game_steps_per_second(episodes: int, steps: int, grid: int, players: int, repeats: int = 3) -> dict:
+  """Built-in game: environment steps/s of vmapped rollouts (every player acts, the frame is rendered)."""
+  from ap_jax.games import gridgame as G
+
+  config = G.GameConfig(grid_height=grid, grid_width=grid)
+  keys = jax.random.split(jax.random.key(0), episodes)
+  n = jnp.full((episodes,), players, jnp.int32)
+  layouts = jnp.arange(episodes, dtype=jnp.int32) % len(G.LAYOUTS)
+
+  def run():
+    jax.block_until_ready(G.rollout_batch(keys, n, layouts, config=config, steps=steps)["frames"])
+
+  run()
+  seconds = median_seconds(run, repeats=repeats)
+  return dict(episodes=episodes, steps=steps, grid=grid, players=players, frame_hw=list(config.frame_shape[:2]),
+              seconds=seconds, env_steps_per_s=episodes * steps / seconds)
+
+
+def data_benchmark(*, batch: int = 16, clip_steps: int = 1, workers: Sequence[int] = (0, 1, 2, 4),
+                   batches: int = 40, episodes: int = 300, game_episodes: int = 256,
+                   step_s: float | None = None) -> dict:
+  """Pipeline clips/s per source and worker count; with `step_s` (the training step's time at this batch), the
+  headroom over what the step consumes."""
+  from ap_jax.data import dataset, pipeline, tfds_builder
+
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    spec = tfds_builder.GenerationSpec(episodes=episodes, steps=16, players=(2, 7))
+    stored = dataset.open_split(dataset.build(spec, os.path.join(tmp, "data")), "train")
+    latents = np.random.default_rng(0).normal(size=(len(stored), 17, 16, 16, 8)).astype(np.float32)
+    sources = dict(arrayrecord_frames=stored, latents_in_memory=pipeline.LatentEpisodes(stored, latents),
+                   live=pipeline.LiveEpisodeSource(spec, chunk=64))
+    for name, source in sources.items():
+      for n in workers:
+        clips = pipeline_clips_per_second(source, batch=batch, clip_steps=clip_steps, workers=n, batches=batches)
+        rows.append(dict(source=name, workers=n, batch=batch, clips_per_s=clips, ms_per_batch=1e3 * batch / clips,
+                         headroom=(clips * step_s / batch) if step_s else None))
+  game = [game_steps_per_second(game_episodes, 32, 8, 4), game_steps_per_second(game_episodes, 32, 16, 4)]
+  return dict(pipeline=rows, step_s=step_s, game=game)
+
+
+def sampling_benchmark(config_name: str = "tiny", *, grid: Sequence[dict] | None = None, steps: int = 8,
+                       repeats: int = 3) -> list[dict]:
+  """Rows of generated frames/s and latency per generated step. `grid`: the settings to run (players,
+  denoise_steps, batch, use_cache); default a one-at-a-time sweep around (4 players, 10 steps, batch 1, cache)."""
+  from ap_jax import sample as sample_lib
+  from ap_jax.model import dit as dit_lib, vae as vae_lib
+  from ap_jax.train import trainer
+
+  config = _config(config_name)
+  config.stage = "denoiser"
+  vae_params = jax.jit(lambda key: vae_lib.vae_init(key, config.model))(jax.random.PRNGKey(1))  # one compile
+  stage = trainer.build_stage(config, frozen=vae_params, meta=dict(latent_shift=0.0, latent_scale=1.0))
+  params = jax.jit(lambda key: dit_lib.init(key, stage.model_config))(jax.random.PRNGKey(0))
+  base = dict(players=4, denoise_steps=10, batch=1, use_cache=True)
+  if grid is None:
+    grid = ([dict(base, players=p) for p in (1, 2, 4, 7)] + [dict(base, denoise_steps=k) for k in (1, 2, 4)]
+            + [dict(base, batch=8), dict(base, use_cache=False)])
+  h, w = trainer.frame_hw(config)
+  rng = np.random.default_rng(0)
+  rows = []
+  for setting in grid:
+    b, p = int(setting["batch"]), int(setting["players"])
+    sampler = sample_lib.Sampler(params, stage.model_config, vae_params, denoise_steps=int(setting["denoise_steps"]),
+                                 chunk=1, window=int(config.data.clip_steps) + 1,
+                                 use_cache=bool(setting["use_cache"]))
+    frames = rng.integers(0, 255, (b, h, w, 3)).astype(np.uint8)
+    positions = rng.uniform(0, 1, (b, p, 2)) * np.array([h, w])
+    actions = rng.integers(0, A.NUM_ACTIONS, (b, steps, p))
+    orientations = np.zeros((b, p), np.int32)
+
+    def run():
+      out = sampler.rollout(frames, positions, actions, initial_orientations=orientations)
+      np.asarray(out.frames)
+
+    start = time.perf_counter()
+    run()  # compiles every jitted piece a rollout of this length uses
+    first_s = time.perf_counter() - start
+    seconds = median_seconds(run, repeats=repeats)
+    rows.append(dict(config=config_name, **setting, steps=steps, first_rollout_s=first_s, rollout_s=seconds,
+                     latency_per_step_s=seconds / steps, frames_per_s=b * steps / seconds,
+                     compiled_functions=len(sampler._jitted)))  # pylint: disable=protected-access
+  return rows
+
+
+# --------------------------------------------------------------------------------------------------- tables
+
+
+def _fmt(value, spec: str) -> str:
+  return "-" if value is None else format(value, spec)
+
+
+def step_table(rows: list[dict]) -> str:
+  lines = ["| config | batch | subjects | dtype | params | step ms | examples/s | tokens/s | GFLOP/s | MFU | "
+           "compiled MiB | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    mem = r["compiled_memory_bytes"]
+    lines.append(f"| {r['config']}{' ' + ' '.join(r['overrides']) if r['overrides'] else ''} | {r['batch']} | "
+                 f"{'on' if r['subject_tokens'] else 'off'} | {r['dtype']} | {r['parameters']:,} | "
+                 f"{1e3 * r['step_s']:.1f} | {r['examples_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+                 f"{r['achieved_flops_per_s'] / 1e9:.1f} | {_fmt(r['mfu'], '.1%')} | "
+                 f"{_fmt(mem and mem / 2**20, '.0f')} | {_fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 2**20, '.0f')} |")
+  return "\n".join(lines)
+
+
+def data_table(result: dict) -> str:
+  lines = ["| source | workers | batch | clips/s | ms/batch | headroom over the step |", "|---|---|---|---|---|---|"]
+  for r in result["pipeline"]:
+    lines.append(f"| {r['source']} | {r['workers']} | {r['batch']} | {r['clips_per_s']:,.0f} | "
+                 f"{r['ms_per_batch']:.1f} | {_fmt(r['headroom'], '.1f')} |")
+  lines += ["", "| built-in game: episodes | grid | frame | steps | env steps/s |", "|---|---|---|---|---|"]
+  for g in result["game"]:
+    lines.append(f"| {g['episodes']} | {g['grid']} | {'x'.join(map(str, g['frame_hw']))} | {g['steps']} | "
+                 f"{g['env_steps_per_s']:,.0f} |")
+  return "\n".join(lines)
+
+
+def sampling_table(rows: list[dict]) -> str:
+  lines = ["| config | players | denoise steps | batch | KV cache | first rollout s | ms / generated step | "
+           "frames/s | compiled fns |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['config']} | {r['players']} | {r['denoise_steps']} | {r['batch']} | "
+                 f"{'on' if r['use_cache'] else 'off'} | {r['first_rollout_s']:.1f} | "
+                 f"{1e3 * r['latency_per_step_s']:.1f} | {r['frames_per_s']:.1f} | {r['compiled_functions']} |")
+  return "\n".join(lines)
+
+
+def write_json(obj: Any, path: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=str)
+  os.replace(tmp, path)

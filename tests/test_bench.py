@@ -1,0 +1,53 @@
+"""`ap-jax bench`: each benchmark runs at tiny sizes and reports consistent figures (no timing is asserted)."""
+
+import json
+import math
+
+import pytest
+
+from ap_jax import bench, cli
+from ap_jax.train import config_utils
+
+SMALL = ["--config.data.global_batch_size=8", "--config.model.dit.depth=1"]
+
+
+def test_config_names_resolve_to_the_configs_folder():
+  assert config_utils.load_config("tiny:runlocal").total_steps == config_utils.load_config(
+      "configs/tiny.py:runlocal").total_steps
+  with pytest.raises(config_utils.ConfigError, match="does not exist; configs in"):
+    config_utils.load_config("no_such_config")
+
+
+@pytest.mark.slow  # a compile of the training step on the 8-device mesh (about a minute on 2 cores)
+def test_step_benchmark_reports_consistent_rates():
+  row = bench.step_benchmark("tiny", SMALL, repeats=2, inner=1)
+  assert row["batch"] == 8 and row["step_s"] > 0 and row["devices"] == 8  # the forced 8-device CPU mesh
+  assert math.isclose(row["examples_per_s"], 8 / row["step_s"])
+  assert math.isclose(row["achieved_flops_per_s"], row["flops_per_step"] / row["step_s"])
+  assert row["compiled_memory_bytes"] > 0 and row["parameters"] > 0
+  # Tokens: 8 x 8 patches of the target frame and 8 subject slots (the tiny recipe's one-step clips).
+  assert math.isclose(row["tokens_per_s"], row["examples_per_s"] * (64 + 8))
+  assert "| tiny --config.data.global_batch_size=8" in bench.step_table([row])
+
+
+def test_sampling_benchmark_compiles_once_per_setting():
+  rows = bench.sampling_benchmark("tiny", grid=[dict(players=3, denoise_steps=2, batch=2, use_cache=True)], steps=6,
+                                  repeats=1)
+  [row] = rows
+  assert row["frames_per_s"] == pytest.approx(2 * 6 / row["rollout_s"])
+  # A rollout longer than the window reuses its compiled pieces: at most one per cache length, plus the context.
+  assert row["compiled_functions"] <= config_utils.load_config("tiny").data.clip_steps + 2
+
+
+@pytest.mark.slow  # builds a dataset and compiles the training step
+def test_cli_bench_data_writes_json(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  assert cli.main(["bench", "data", "--quick", "--workers", "0", "--batch", "8", "--json", str(out),
+                   "--config.model.dit.depth=1"]) == 0
+  result = json.loads(out.read_text())
+  sources = {r["source"] for r in result["data"]["pipeline"]}
+  assert sources == {"arrayrecord_frames", "latents_in_memory", "live"}
+  step_s = result["step"][0]["step_s"]
+  for r in result["data"]["pipeline"]:
+    assert r["headroom"] == pytest.approx(r["clips_per_s"] * step_s / 8)
+  assert "input pipeline" in capsys.readouterr().out
