@@ -8,7 +8,8 @@
 #   bash launch/local.sh ap-jax ARGS   install, then any ap-jax command
 #
 # Environment: PYTHON (interpreter that creates the venv, default python3), VENV (default .venv),
-# AP_JAX_SKIP_MELTINGPOT=1 to test without Melting Pot (its tests then skip).
+# AP_JAX_SKIP_MELTINGPOT=1 to test without Melting Pot (its tests then skip), AP_JAX_SKIP_BENCH=1 without the
+# bench extra (torch, diffusers: the peer benchmark's test then skips).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -42,6 +43,18 @@ setup_meltingpot() {
   fi
 }
 
+setup_bench() {
+  if [[ "${AP_JAX_SKIP_BENCH:-0}" == "1" ]]; then
+    log "AP_JAX_SKIP_BENCH=1: the peer benchmark's test will be skipped"
+  elif python -c "import torch, diffusers" 2>/dev/null; then
+    log "bench extra already installed"
+  else
+    # torch pinned to the CPU build this machine image carries (an unpinned torch pulls a CUDA build of GBs).
+    log "installing the bench extra (torch 2.13.0 CPU build, diffusers)"
+    python -m pip install -q "torch==2.13.0" && python -m pip install -q -e ".[bench]"
+  fi
+}
+
 case "$JOB" in
   setup)
     setup ;;
@@ -52,6 +65,7 @@ case "$JOB" in
   test)
     setup
     setup_meltingpot
+    setup_bench
     log "running the test suite"
     # -n 2: both cores; tests that need a device count set it in a subprocess or via conftest.
     python -m pytest -q -n 2 --durations=15 "$@" ;;

@@ -51,3 +51,16 @@ def test_cli_bench_data_writes_json(tmp_path, capsys):
   for r in result["data"]["pipeline"]:
     assert r["headroom"] == pytest.approx(r["clips_per_s"] * step_s / 8)
   assert "input pipeline" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # PyTorch's Wan transformer and three ap_jax step compiles
+def test_peer_benchmark_matches_shapes_and_reports_the_ratio():
+  pytest.importorskip("diffusers", reason="the bench extra (torch, diffusers) is not installed")
+  result = bench.peer_benchmark("tiny", SMALL, repeats=1, inner=1, subjects=(4,))
+  assert result["video_tokens"] == 64 and result["frames"] == 1  # one 8 x 8 frame of tokens (tiny recipe)
+  off, on = result["ap_jax"]
+  assert not off["subject_tokens"] and on["subject_tokens"]
+  assert result["speedup_vs_peer"] == pytest.approx(result["peer"]["step_s"] / off["step_s"])
+  # Same transformer shape: parameter counts within 5% (the heads and embeddings differ slightly).
+  assert abs(result["peer"]["parameters"] / off["parameters"] - 1) < 0.05
+  assert "Wan (diffusers)" in bench.peer_table(result)
