@@ -1,5 +1,6 @@
 """Data throughput: built-in game environment steps per second (vmapped, rendering included) and Grain pipeline
-batches per second, at the tiny config and a larger one. Prints a table and writes JSON.
+batches per second, at the tiny config and a larger one. Prints a table and writes JSON. (`ap-jax bench data`
+measures the pipeline per source and worker count against the training step's consumption.)
 
   python benchmarks/data_throughput.py [--out benchmarks/results/data_throughput.json] [--quick]
 
@@ -16,33 +17,9 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 
+from ap_jax.bench import game_steps_per_second
 from ap_jax.data import dataset, pipeline, tfds_builder
-from ap_jax.games import gridgame as G
-
-
-def time_call(fn, repeats: int) -> float:
-  fn()  # compile / warm up
-  start = time.perf_counter()
-  for _ in range(repeats):
-    fn()
-  return (time.perf_counter() - start) / repeats
-
-
-def game_steps_per_second(episodes: int, steps: int, grid: int, players: int, repeats: int) -> dict:
-  config = G.GameConfig(grid_height=grid, grid_width=grid)
-  keys = jax.random.split(jax.random.key(0), episodes)
-  n = jnp.full((episodes,), players, jnp.int32)
-  layouts = jnp.arange(episodes, dtype=jnp.int32) % len(G.LAYOUTS)
-
-  def run():
-    out = G.rollout_batch(keys, n, layouts, config=config, steps=steps)
-    jax.block_until_ready(out["frames"])
-
-  seconds = time_call(run, repeats)
-  return dict(episodes=episodes, steps=steps, grid=grid, players=players, frame_hw=config.frame_shape[:2],
-              seconds=seconds, env_steps_per_s=episodes * steps / seconds)
 
 
 def pipeline_batches_per_second(data_dir: str, batch: int, clip: int, batches: int, live_spec=None) -> dict:
