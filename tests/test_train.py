@@ -491,6 +491,38 @@ def test_sigterm_during_set_up_stops_before_the_first_step(tmp_path, monkeypatch
   assert checkpoint_lib.Checkpointer(str(tmp_path / "t"), read_only=True).all_steps() == []
 
 
+def test_sigterm_while_encoding_latents_stops_before_the_encoding_ends(tmp_path, monkeypatch):
+  # data.cache_latents encodes every training episode before the first step (minutes on a CPU): a preemption
+  # notice must stop the run at the next encoder call, not after the whole table.
+  ae_dir = str(tmp_path / "ae")
+  trainer.train(make_config(overrides=["--config.total_steps=2"]), ae_dir, progress=False)
+  config = make_config("runlocal", SMALL_DIT + ["--config.data.cache_latents=true", "--config.total_steps=5",
+                                                f"--config.autoencoder_workdir={ae_dir}"])
+  real, reads = trainer.encode_source, []
+
+  class SignalOnThirdRead:  # the source the encoder reads: SIGTERM arrives while its first call is assembled
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, index):
+      reads.append(index)
+      if len(reads) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return self.source[index]
+
+  monkeypatch.setattr(trainer, "encode_source", lambda source, *a, **k: real(SignalOnThirdRead(source), *a, **k))
+  summary = trainer.train(config, str(tmp_path / "dit"), progress=False)
+  assert summary["stopped_by"] == "SIGTERM" and summary["end_step"] == 0
+  per_call = 128 // 17  # episodes per encoder call (17 frames each)
+  assert len(reads) == 1 + per_call < len(trainer.open_source(config)), "the encoding went on past its first call"
+  assert checkpoint_lib.Checkpointer(str(tmp_path / "dit"), read_only=True).all_steps() == []
+  # Asked with a stop already pending, encode_source does no work at all.
+  assert trainer.encode_source(trainer.open_source(config), None, None, should_stop=lambda: True) is None
+
+
 def test_a_stopped_stage_stops_the_demo(tmp_path, monkeypatch):
   from ap_jax import cli, demo
 

@@ -208,11 +208,13 @@ def open_source(config: ml_collections.ConfigDict, split: str = "train"):
   raise config_utils.ConfigError(f"data.source = {data.source!r}, expected 'builtin', 'dir' or 'live'")
 
 
-def encode_source(source, vae_params, model_config, *, batch_frames: int = 128, progress: bool = True) -> np.ndarray:
+def encode_source(source, vae_params, model_config, *, batch_frames: int = 128, progress: bool = True,
+                  should_stop: Callable[[], bool] | None = None) -> np.ndarray | None:
   """Denoiser latents of every episode of a stored source, [episodes, T+1, h, w, c] float32, by the frozen
   autoencoder exactly as the training step would encode them (posterior mean, normalised). Held in host memory:
   for the small datasets of CPU-sized configs (2,000 tiny episodes: 280 MB); a pod-sized dataset wants latents
-  written to disk instead."""
+  written to disk instead. `should_stop` is asked before each call (a preemption notice must not wait minutes
+  for the encoding to end): when it says stop, returns None."""
   from tqdm import tqdm
 
   encode = jax.jit(lambda p, x: vae_lib.vae_encode(p, model_config, x))
@@ -222,6 +224,9 @@ def encode_source(source, vae_params, model_config, *, batch_frames: int = 128, 
   out = None
   bar = tqdm(total=len(source), desc="encoding latents", unit="ep", disable=not progress, leave=False)
   for start in range(0, len(source), per_call):
+    if should_stop is not None and should_stop():
+      bar.close()
+      return None
     idx = range(start, min(start + per_call, len(source)))
     frames = np.stack([np.asarray(source[i]["frames"]) for i in idx]).astype(np.float32) * (2.0 / 255.0) - 1.0
     if len(idx) < per_call:  # one compiled shape: pad the last call
@@ -634,14 +639,29 @@ def _train(config, workdir, *, fresh, progress, stop, resources) -> dict:
 
   def encoded_latents():
     start_encode = time.time()
-    table = encode_source(open_source(config), stage.frozen, stage.model_config, progress=progress and is_main)
+    table = encode_source(open_source(config), stage.frozen, stage.model_config, progress=progress and is_main,
+                          should_stop=stop.should_stop)
+    if table is None:
+      return None
     log.info("encoded %d training episodes into latents %s in %.0fs (data.cache_latents)", table.shape[0],
              list(table.shape[1:]), time.time() - start_encode)
     return table
 
+  def stopped_while_encoding() -> dict:
+    stopped_by = stop.received or "another process"
+    log.warning("stopped by %s while encoding the training latents (at step %d); nothing new to save", stopped_by,
+                latest or 0)
+    return dict(stage=stage.name, model=config.get("model_name"), start_step=latest or 0, end_step=latest or 0,
+                total_steps=int(config.total_steps), stopped_by=stopped_by, history=[])
+
   # A run that has already finished needs no latents (it only restores and returns).
   finished = latest is not None and latest >= int(config.total_steps)
-  data_iter = build_data(config, latents=encoded_latents() if cache_latents and not finished else None)
+  latents = None
+  if cache_latents and not finished:
+    latents = encoded_latents()
+    if latents is None:
+      return stopped_while_encoding()
+  data_iter = build_data(config, latents=latents)
 
   start_step = 0
   restored = ckpt.restore_latest(abstract_state, data_iter) if latest is not None else None
@@ -656,7 +676,10 @@ def _train(config, workdir, *, fresh, progress, stop, resources) -> dict:
       # The newest checkpoint was damaged and an earlier one restored: this run trains after all.
       position = data_iter.get_state()
       close_iterator(data_iter)
-      data_iter = build_data(config, latents=encoded_latents())
+      latents = encoded_latents()
+      if latents is None:
+        return stopped_while_encoding()
+      data_iter = build_data(config, latents=latents)
       data_iter.set_state(position)
   else:
     state = init_fn(jax.random.PRNGKey(int(config.seed)))
