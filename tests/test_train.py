@@ -491,6 +491,7 @@ def test_sigterm_during_set_up_stops_before_the_first_step(tmp_path, monkeypatch
   assert checkpoint_lib.Checkpointer(str(tmp_path / "t"), read_only=True).all_steps() == []
 
 
+@pytest.mark.slow  # trains an autoencoder, then starts a denoiser run
 def test_sigterm_while_encoding_latents_stops_before_the_encoding_ends(tmp_path, monkeypatch):
   # data.cache_latents encodes every training episode before the first step (minutes on a CPU): a preemption
   # notice must stop the run at the next encoder call, not after the whole table.
