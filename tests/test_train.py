@@ -491,6 +491,30 @@ def test_sigterm_during_set_up_stops_before_the_first_step(tmp_path, monkeypatch
   assert checkpoint_lib.Checkpointer(str(tmp_path / "t"), read_only=True).all_steps() == []
 
 
+@pytest.mark.slow  # trains an autoencoder and two short denoiser runs on it
+def test_denoisers_on_one_autoencoder_share_the_encoded_latents(tmp_path, cache_dir):
+  ae_dir = str(tmp_path / "ae")
+  trainer.train(make_config(overrides=["--config.total_steps=2"]), ae_dir, progress=False)
+  dit = SMALL_DIT + ["--config.data.cache_latents=true", "--config.total_steps=2",
+                     f"--config.autoencoder_workdir={ae_dir}"]
+  first = trainer.train(make_config("runlocal", dit), str(tmp_path / "a"), progress=False)
+  [cached] = os.listdir(os.path.join(cache_dir, "latents"))
+  table = np.load(os.path.join(cache_dir, "latents", cached))
+  encodes = []
+  real = trainer.encode_source
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(trainer, "encode_source", lambda *a, **k: encodes.append(1) or real(*a, **k))
+    # Another variant of the denoiser on the same autoencoder and data: reads the table, encodes nothing, and
+    # trains on the same clips (its first loss equals the first run's).
+    second = trainer.train(make_config("runlocal", dit), str(tmp_path / "b"), progress=False)
+    assert encodes == [] and second["history"][0]["loss"] == first["history"][0]["loss"]
+    # A retrained autoencoder (other weights) gets its own table.
+    trainer.train(make_config(overrides=["--config.total_steps=4"]), ae_dir, progress=False)
+    trainer.train(make_config("runlocal", dit), str(tmp_path / "c"), progress=False)
+    assert encodes == [1] and len(os.listdir(os.path.join(cache_dir, "latents"))) == 2
+  assert table.shape[0] == len(trainer.open_source(make_config("runlocal", dit)))
+
+
 @pytest.mark.slow  # trains an autoencoder, then starts a denoiser run
 def test_sigterm_while_encoding_latents_stops_before_the_encoding_ends(tmp_path, monkeypatch):
   # data.cache_latents encodes every training episode before the first step (minutes on a CPU): a preemption

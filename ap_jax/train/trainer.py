@@ -240,6 +240,42 @@ def encode_source(source, vae_params, model_config, *, batch_frames: int = 128, 
   return out
 
 
+def latent_cache_path(config: ml_collections.ConfigDict, ae_meta: dict, stage_meta: dict) -> str:
+  """Where the training latents of this dataset, encoded by this autoencoder, are kept between runs (several
+  denoisers on one autoencoder, as `ap-jax compare` trains, encode the same table): the cache folder, keyed by
+  the dataset (its folder and train files) and the autoencoder (its weights' checksums, step and latent
+  statistics). The autoencoder's workdir is never written to."""
+  path = os.path.realpath(resolve_dataset(config.data))
+  info = dataset_lib.read_info(path)
+  files = info.split_files.get("train") or []
+  key = dict(dataset=path, generation=info.generation, vae=config.model.vae.to_dict(),
+             train_files=[(os.path.basename(f), n, os.path.getmtime(f)) for f, n in files],
+             autoencoder=os.path.realpath(config.autoencoder_workdir), step=ae_meta.get("step"),
+             checksums=ae_meta.get("checksums"),
+             statistics=[float(stage_meta["latent_shift"]), float(stage_meta["latent_scale"])])
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+  return os.path.join(dataset_cache_dir(), "latents", f"{os.path.basename(path)}-{digest}.npy")
+
+
+def cached_latents(path: str, encode: Callable[[], np.ndarray | None], *, write: bool) -> np.ndarray | None:
+  """The table at `path` if a run wrote it, else `encode()` (None: stopped), written atomically when `write`."""
+  if os.path.exists(path):
+    try:
+      table = np.load(path)
+      log.info("read the training latents %s from %s", list(table.shape), path)
+      return table
+    except (OSError, ValueError) as e:  # a damaged file: encode again and replace it
+      log.warning("latent cache %s does not read (%s); encoding again", path, e)
+  table = encode()
+  if table is not None and write:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+      np.save(f, table)
+    os.replace(tmp, path)
+  return table
+
+
 def build_data(config: ml_collections.ConfigDict, split: str = "train", latents: np.ndarray | None = None):
   """The Grain iterator of this process's shard of the training data (global batch / process count); with
   `latents` (`encode_source`), clips carry them instead of frames."""
@@ -621,7 +657,7 @@ def _train(config, workdir, *, fresh, progress, stop, resources) -> dict:
           f"{config.stage!r}, model {config.get('model_name')!r}, fingerprint {fingerprint}). Use another "
           "--workdir, or pass --fresh to start over (the old checkpoints are moved aside, not deleted).")
 
-  frozen, meta = None, {}
+  frozen, meta, ae_meta = None, {}, {}
   if config.stage == "denoiser":
     frozen, ae_meta = load_autoencoder(config, mesh, rules)
     if latest is not None and "latent_shift" in old:
@@ -637,15 +673,19 @@ def _train(config, workdir, *, fresh, progress, stop, resources) -> dict:
     raise config_utils.ConfigError("data.cache_latents needs stored episodes; data.source = 'live' generates new "
                                    "ones forever")
 
-  def encoded_latents():
+  def encode():
     start_encode = time.time()
     table = encode_source(open_source(config), stage.frozen, stage.model_config, progress=progress and is_main,
                           should_stop=stop.should_stop)
-    if table is None:
-      return None
-    log.info("encoded %d training episodes into latents %s in %.0fs (data.cache_latents)", table.shape[0],
-             list(table.shape[1:]), time.time() - start_encode)
+    if table is not None:
+      log.info("encoded %d training episodes into latents %s in %.0fs (data.cache_latents)", table.shape[0],
+               list(table.shape[1:]), time.time() - start_encode)
     return table
+
+  def encoded_latents():
+    if jax.process_count() > 1:  # hosts may not share a cache folder, and encoding stops collectively
+      return encode()
+    return cached_latents(latent_cache_path(config, ae_meta, stage.meta), encode, write=True)
 
   def stopped_while_encoding() -> dict:
     stopped_by = stop.received or "another process"
