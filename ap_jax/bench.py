@@ -9,6 +9,7 @@ returns (and with `--json`, writes) its rows; `BENCHMARKS.md` holds the latest t
             headroom: pipeline clips/s over the step's; below 1 the step waits for data); built-in game steps/s
   peer      the same transformer shape in diffusers' WanTransformer3DModel (PyTorch), side by side: the ratio
             `speedup_vs_peer`; needs the `bench` extra (torch, diffusers)
+  scaling   step time, memory and FLOPs against frames, resolution and players, with the fitted growth
   sampling  autoregressive rollouts of a model with random weights (the cost does not depend on the weights):
             generated frames/s and latency per generated step against players, denoising steps, batch and the
             KV cache, with the compile time of the first rollout
@@ -303,6 +304,51 @@ def peer_table(result: dict) -> str:
     subjects = next((o.split("=")[1] for o in r["overrides"] if o.startswith("--config.model.max_players=")), None)
     lines.append(f"| ap_jax | {subjects if r['subject_tokens'] else 'off'} | {r['parameters']:,} | "
                  f"{1e3 * r['step_s']:.1f} | {r['examples_per_s']:.1f} | {peer['step_s'] / r['step_s']:.2f}x |")
+  return "\n".join(lines)
+
+
+# The scaling sweeps: each varies one thing of the tiny config (the others stay at its values). Frames use the
+# paper's clip layout (one context frame and T target frames as tokens), not the tiny recipe's one-step input.
+SCALING = {
+    "frames": ("frames in the clip", [2, 3, 5, 9],
+               lambda n: ["--config.model.dit.previous_frame_input=false", "--config.model.dit.context_tokens=true",
+                          "--config.model.flow.coord_target=velocity", "--config.model.flow.coord_prior=standard",
+                          f"--config.data.clip_steps={n - 1}"]),
+    "resolution": ("frame side in pixels", [32, 64, 128],
+                   lambda px: [f"--config.data.grid=({px // 8}, {px // 8})"]),
+    "players": ("subject slots", [2, 4, 8, 16], lambda n: [f"--config.model.max_players={n}"]),
+}
+
+
+def scaling_benchmark(config_name: str = "tiny", *, sweeps: Sequence[str] = tuple(SCALING), repeats: int = 3,
+                      inner: int = 2) -> dict:
+  """Step time, compiled memory and analytic FLOPs against frames, resolution and players, each with its fitted
+  growth: the exponent k of value ~ x^k (least squares in log-log)."""
+  out = {}
+  for sweep in sweeps:
+    label, values, overrides = SCALING[sweep]
+    rows = [dict(value=v, **step_benchmark(config_name, overrides(v), repeats=repeats, inner=inner)) for v in values]
+    logx = np.log([r["value"] for r in rows])
+    fits = {}
+    for key in ("step_s", "compiled_memory_bytes", "flops_per_step"):
+      ys = [r[key] for r in rows]
+      if all(y and y > 0 for y in ys):
+        fits[key] = float(np.polyfit(logx, np.log(ys), 1)[0])
+    out[sweep] = dict(label=label, rows=rows, growth_exponent=fits)
+  return out
+
+
+def scaling_table(result: dict) -> str:
+  lines = []
+  for sweep, r in result.items():
+    lines += [f"{r['label']} (fitted growth: step time ~ x^{r['growth_exponent'].get('step_s', float('nan')):.2f}, "
+              f"memory ~ x^{r['growth_exponent'].get('compiled_memory_bytes', float('nan')):.2f}, FLOPs ~ "
+              f"x^{r['growth_exponent'].get('flops_per_step', float('nan')):.2f})", "",
+              f"| {sweep} | step ms | GFLOP / step | compiled MiB |", "|---|---|---|---|"]
+    for row in r["rows"]:
+      lines.append(f"| {row['value']} | {1e3 * row['step_s']:.1f} | {row['flops_per_step'] / 1e9:.2f} | "
+                   f"{_fmt(row['compiled_memory_bytes'] and row['compiled_memory_bytes'] / 2**20, '.0f')} |")
+    lines.append("")
   return "\n".join(lines)
 
 

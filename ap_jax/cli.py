@@ -424,7 +424,7 @@ def add_bench(sub):
   p = sub.add_parser("bench", help="benchmarks: training step, input pipeline, sampling (tables + JSON)",
                      description="Measure on this machine what a training step, the input pipeline and sampling "
                      "cost (ap_jax/bench.py says what each reports). Prints tables; --json writes every row.")
-  p.add_argument("what", choices=("step", "data", "sampling", "peer", "attention", "all"))
+  p.add_argument("what", choices=("step", "data", "sampling", "peer", "attention", "scaling", "all"))
   p.add_argument("--config", default="tiny", help="peer: the config whose shape both models take")
   p.add_argument("--configs", default="tiny,small", help="step: comma-separated config names or files")
   p.add_argument("--sampling-config", default="tiny", help="sampling: the config whose model is timed")
@@ -463,6 +463,10 @@ def cmd_bench(args) -> int:
     result["sampling"] = bench.sampling_benchmark(args.sampling_config, steps=4 if args.quick else 8,
                                                   repeats=1 if args.quick else 3)
     print("\nsampling (random weights)\n" + bench.sampling_table(result["sampling"]))
+  if args.what in ("scaling", "all"):
+    result["scaling"] = bench.scaling_benchmark(args.config, repeats=2 if args.quick else 3,
+                                                inner=1 if args.quick else 2)
+    print("\nscaling (training step)\n" + bench.scaling_table(result["scaling"]))
   if args.what == "attention":  # not in "all": it says something only on a GPU
     result["attention"] = bench.attention_benchmark()
     print("\nattention, XLA against cuDNN\n" + json.dumps(result["attention"], indent=1))

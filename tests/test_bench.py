@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from ap_jax import bench, cli
@@ -64,3 +65,16 @@ def test_peer_benchmark_matches_shapes_and_reports_the_ratio():
   # Same transformer shape: parameter counts within 5% (the heads and embeddings differ slightly).
   assert abs(result["peer"]["parameters"] / off["parameters"] - 1) < 0.05
   assert "Wan (diffusers)" in bench.peer_table(result)
+
+
+@pytest.mark.slow  # two step compiles
+def test_scaling_benchmark_fits_the_growth(monkeypatch):
+  label, _, overrides = bench.SCALING["players"]
+  monkeypatch.setitem(bench.SCALING, "players", (label, [2, 8], lambda n: SMALL + overrides(n)))
+  result = bench.scaling_benchmark("tiny", sweeps=["players"], repeats=1, inner=1)["players"]
+  small, large = result["rows"]
+  assert (small["value"], large["value"]) == (2, 8)
+  # FLOPs grow with the slots but far slower than linearly (8 subject tokens beside 64 video tokens).
+  k = result["growth_exponent"]["flops_per_step"]
+  assert k == pytest.approx(np.log(large["flops_per_step"] / small["flops_per_step"]) / np.log(4)) and 0 < k < 0.5
+  assert "subject slots (fitted growth" in bench.scaling_table({"players": result})
