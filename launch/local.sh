@@ -32,27 +32,33 @@ setup() {
   python -m pip install -q -e ".[dev]"
 }
 
-setup_meltingpot() {
-  if [[ "${AP_JAX_SKIP_MELTINGPOT:-0}" == "1" ]]; then
-    log "AP_JAX_SKIP_MELTINGPOT=1: Melting Pot tests will be skipped"
-  elif python -c "import meltingpot.substrate, dmlab2d" 2>/dev/null; then
-    log "Melting Pot already installed"
+# setup_extra NAME SKIP_VARIABLE IMPORTS INSTALL...: installs an optional extra unless SKIP_VARIABLE=1 (its tests
+# then skip) or IMPORTS already import.
+setup_extra() {
+  local name=$1 skip=$2 imports=$3
+  shift 3
+  if [[ "${!skip:-0}" == "1" ]]; then
+    log "$skip=1: not installing $name; the tests that need it will skip"
+  elif python -c "import $imports" 2>/dev/null; then
+    log "$name already installed"
   else
-    log "installing the meltingpot extra (dm-meltingpot, dmlab2d, tensorflow)"
-    bash launch/install_meltingpot.sh
+    log "installing $name"
+    "$@"
   fi
 }
 
+setup_meltingpot() {
+  setup_extra "the meltingpot extra (dm-meltingpot, dmlab2d, tensorflow)" AP_JAX_SKIP_MELTINGPOT \
+    "meltingpot.substrate, dmlab2d" bash launch/install_meltingpot.sh
+}
+
+install_bench() {
+  # torch pinned to the CPU build this machine image carries (an unpinned torch pulls a CUDA build of GBs).
+  python -m pip install -q "torch==2.13.0" && python -m pip install -q -e ".[bench]"
+}
+
 setup_bench() {
-  if [[ "${AP_JAX_SKIP_BENCH:-0}" == "1" ]]; then
-    log "AP_JAX_SKIP_BENCH=1: the peer benchmark's test will be skipped"
-  elif python -c "import torch, diffusers" 2>/dev/null; then
-    log "bench extra already installed"
-  else
-    # torch pinned to the CPU build this machine image carries (an unpinned torch pulls a CUDA build of GBs).
-    log "installing the bench extra (torch 2.13.0 CPU build, diffusers)"
-    python -m pip install -q "torch==2.13.0" && python -m pip install -q -e ".[bench]"
-  fi
+  setup_extra "the bench extra (torch 2.13.0 CPU build, diffusers)" AP_JAX_SKIP_BENCH "torch, diffusers" install_bench
 }
 
 case "$JOB" in
