@@ -19,7 +19,6 @@ Timings are medians over repeats after a warm-up that includes compilation; comp
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -83,7 +82,7 @@ def _random_batch(shapes: dict, config, rng: np.random.Generator) -> dict[str, j
 
 def step_benchmark(config_name: str, overrides: Sequence[str] = (), *, repeats: int = 5, inner: int = 5) -> dict:
   """One row: the denoiser training step of `config_name` (with `overrides`) on this process's devices."""
-  from ap_jax.model import vae as vae_lib
+  from ap_jax.model import layers as layers_lib, vae as vae_lib
   from ap_jax.train import mesh as mesh_lib, optim as optim_lib, trainer
 
   config = _config(config_name, overrides)
@@ -119,7 +118,7 @@ def step_benchmark(config_name: str, overrides: Sequence[str] = (), *, repeats: 
   return dict(config=config_name, overrides=list(overrides), batch=b, clip_steps=int(config.data.clip_steps),
               frame_hw=list(trainer.frame_hw(config)), subject_tokens=bool(config.model.dit.subject_tokens),
               dtype=str(config.model.dit.get("dtype", "float32")), devices=mesh.devices.size,
-              parameters=int(sum(x.size for x in jax.tree.leaves(abstract["params"]))),
+              parameters=layers_lib.count_params(abstract["params"]),
               step_s=seconds, examples_per_s=b / seconds,
               tokens_per_s=b * trainer.tokens_per_example(config, stage) / seconds,
               flops_per_step=flops, achieved_flops_per_s=flops / seconds,
@@ -142,9 +141,9 @@ def pipeline_clips_per_second(source, *, batch: int, clip_steps: int, workers: i
       next(it)
     return batches * batch / (time.perf_counter() - start)
   finally:
-    close = getattr(it, "close", None)
-    if close is not None:
-      close()
+    from ap_jax.train import trainer
+
+    trainer.close_iterator(it)
 
 
 def game_steps_per_second(episodes: int, steps: int, grid: int, players: int, repeats: int = 3) -> dict:
@@ -424,11 +423,3 @@ def sampling_table(rows: list[dict]) -> str:
                  f"{'on' if r['use_cache'] else 'off'} | {r['first_rollout_s']:.1f} | "
                  f"{1e3 * r['latency_per_step_s']:.1f} | {r['frames_per_s']:.1f} | {r['compiled_functions']} |")
   return "\n".join(lines)
-
-
-def write_json(obj: Any, path: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=str)
-  os.replace(tmp, path)

@@ -476,7 +476,9 @@ def cmd_bench(args) -> int:
     result["speedup_vs_peer"] = result["peer"]["speedup_vs_peer"]
     print("\nagainst the peer (forward, loss, backward, AdamW)\n" + bench.peer_table(result["peer"]))
   if args.json:
-    bench.write_json(result, args.json)
+    from ap_jax import evaluate
+
+    evaluate.write_json(result, args.json)
     print(f"\nwrote {args.json}")
   return 0
 
