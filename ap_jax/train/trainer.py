@@ -257,8 +257,8 @@ def latent_cache_path(config: ml_collections.ConfigDict, ae_meta: dict, stage_me
   return os.path.join(dataset_cache_dir(), "latents", f"{os.path.basename(path)}-{digest}.npy")
 
 
-def cached_latents(path: str, encode: Callable[[], np.ndarray | None], *, write: bool) -> np.ndarray | None:
-  """The table at `path` if a run wrote it, else `encode()` (None: stopped), written atomically when `write`."""
+def cached_latents(path: str, encode: Callable[[], np.ndarray | None]) -> np.ndarray | None:
+  """The table at `path` if a run wrote it, else `encode()` (None: stopped), then written there atomically."""
   if os.path.exists(path):
     try:
       table = np.load(path)
@@ -267,7 +267,7 @@ def cached_latents(path: str, encode: Callable[[], np.ndarray | None], *, write:
     except (OSError, ValueError) as e:  # a damaged file: encode again and replace it
       log.warning("latent cache %s does not read (%s); encoding again", path, e)
   table = encode()
-  if table is not None and write:
+  if table is not None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -685,7 +685,7 @@ def _train(config, workdir, *, fresh, progress, stop, resources) -> dict:
   def encoded_latents():
     if jax.process_count() > 1:  # hosts may not share a cache folder, and encoding stops collectively
       return encode()
-    return cached_latents(latent_cache_path(config, ae_meta, stage.meta), encode, write=True)
+    return cached_latents(latent_cache_path(config, ae_meta, stage.meta), encode)
 
   def stopped_while_encoding() -> dict:
     stopped_by = stop.received or "another process"
