@@ -188,9 +188,13 @@ def add_compare(sub):
                      "conditioning (no subject tokens), and the ablations (no subject isolation, no masked "
                      "cross-attention, frame-wise cross-attention, no RoPE on subject tokens), trained at equal "
                      "steps on the same data (2 to 7 players by default) with one shared autoencoder, each "
-                     "evaluated on fresh episodes with 1 to 8 players. Writes comparison.json and comparison.md. "
-                     "Resumable per variant.")
+                     "evaluated on fresh episodes with 1 to 8 players. With --config meltingpot:tiny, the same on "
+                     "that config's Melting Pot substrates, scored on its test split and on the substrates it holds "
+                     "out of training. Writes comparison.json and comparison.md. Resumable per variant.")
   p.add_argument("--out", default="out/compare")
+  p.add_argument("--config", default="tiny",
+                 help="tiny (the built-in game) or a Melting Pot config, e.g. meltingpot:tiny (its substrates; "
+                      "scored on its test split and its held-out substrates)")
   p.add_argument("--variants", default="", help="comma-separated subset (default: all)")
   p.add_argument("--episodes", type=int, default=2000)
   p.add_argument("--ae-steps", type=int, default=800, help="autoencoder training steps (the demo's)")
@@ -199,6 +203,8 @@ def add_compare(sub):
   p.add_argument("--train-players", type=_players, default=(2, 7),
                  help="player count range of the training episodes (the paper's protocol: 2-7)")
   p.add_argument("--episodes-per-count", type=int, default=6)
+  p.add_argument("--eval-episodes", type=int, default=24,
+                 help="Melting Pot: episodes of the test split, and of the held-out substrates, per variant")
   p.add_argument("--eval-steps", type=int, default=8)
   p.add_argument("--denoise-steps", type=int, default=10)
   p.add_argument("--no-progress", action="store_true")
@@ -211,7 +217,8 @@ def cmd_compare(args) -> int:
   demo.run_comparison(args.out, episodes=args.episodes, ae_steps=args.ae_steps, dit_steps=args.dit_steps,
                       variants=[v for v in args.variants.split(",") if v] or None, eval_players=args.eval_players,
                       train_players=args.train_players, episodes_per_count=args.episodes_per_count,
-                      eval_steps=args.eval_steps, denoise_steps=args.denoise_steps, progress=not args.no_progress)
+                      eval_steps=args.eval_steps, denoise_steps=args.denoise_steps, config=args.config,
+                      eval_episodes=args.eval_episodes, progress=not args.no_progress)
   return 0
 
 
@@ -361,6 +368,9 @@ def add_eval(sub):
                  help="dataset directory (`ap-jax data`) whose --split to score, instead of the training config's "
                       "(e.g. Melting Pot substrates held out of training; frames of the model's size); needed with "
                       "--oracle")
+  p.add_argument("--heldout", action="store_true",
+                 help="score the Melting Pot substrates the config holds out of training (data.heldout_substrates; "
+                      "their dataset is generated into the cache on first use) instead of the training ones")
   p.add_argument("--split", default="test", help="dataset split (ignored with --players)")
   p.add_argument("--episodes", type=int, default=16,
                  help="episodes from the split, or per player count with --players")
@@ -392,8 +402,14 @@ def cmd_eval(args) -> int:
     if not args.workdir:
       raise ValueError("eval needs --workdir (a trained denoiser), or --oracle --data DIR to score true frames")
     trained, kwargs = _load_for_sampling(args)
-    if args.players is not None and args.data:
-      raise ValueError("--players makes fresh built-in episodes; --data names stored ones: give one of them")
+    chosen = [flag for flag, on in (("--players", args.players is not None), ("--data", bool(args.data)),
+                                    ("--heldout", args.heldout)) if on]
+    if len(chosen) > 1:
+      raise ValueError(f"{' and '.join(chosen)} each choose the episodes to score: give one of them")
+    if args.heldout:
+      from ap_jax.train import trainer
+
+      args.data = trainer.resolve_dataset(trained.config.data, heldout=True)
     if args.data:
       cases = evaluate.dataset_dir_cases(args.data, args.split, range(args.episodes), args.steps)
       evaluate.check_frame_size(trained.config, cases)
@@ -406,6 +422,7 @@ def cmd_eval(args) -> int:
     results = evaluate.evaluate(trained, cases, seed=args.seed, batch_size=args.batch_size, **kwargs)
     results["workdir"] = os.path.abspath(args.workdir)
     results["data"] = os.path.abspath(args.data) if args.data else None
+    results["heldout"] = bool(args.heldout)
   results["timing"]["seconds_total"] = time.time() - start
   results["split"] = None if args.players is not None else args.split
   results["players"] = None if args.players is None else list(args.players)

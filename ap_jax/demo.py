@@ -39,10 +39,13 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def _config(arg: str, overrides: Sequence[str]):
+def _config(arg: str, overrides: Sequence[str], base: str = TINY):
+  """`base` (a config file or name, with its own arguments after a colon) with `arg` added to its arguments."""
   from ap_jax.train import config_utils
 
-  return config_utils.apply_overrides(config_utils.load_config(f"{TINY}:{arg}"), list(overrides))
+  path, _, base_args = base.partition(":")
+  args = ",".join(a for a in (base_args, arg) if a)
+  return config_utils.apply_overrides(config_utils.load_config(f"{path}:{args}"), list(overrides))
 
 
 DEMO_PLAYERS = (2, 4)  # the demo's training episodes
@@ -60,21 +63,22 @@ def build_data(out: str, episodes: int, players: tuple[int, int] = DEMO_PLAYERS)
   return path
 
 
-def train_stages(out: str, data_dir: str, *, ae_steps: int, dit_steps: int, dit_overrides: Sequence[str] = (),
-                 dit_name: str = "dit", progress: bool = True) -> tuple[str, str, dict]:
-  """Trains (or resumes, or skips when finished) the autoencoder and one denoiser. Returns workdirs + seconds."""
+def train_stages(out: str, data_dir: str | None, *, ae_steps: int, dit_steps: int, dit_overrides: Sequence[str] = (),
+                 dit_name: str = "dit", progress: bool = True, base: str = TINY) -> tuple[str, str, dict]:
+  """Trains (or resumes, or skips when finished) the autoencoder and one denoiser of config `base` on the dataset
+  at `data_dir` (None: the dataset `base` names, generated on first use). Returns workdirs + seconds."""
   from ap_jax.train import trainer
 
-  data = ["--config.data.source=dir", f"--config.data.dir={data_dir}"]
+  data = [] if data_dir is None else ["--config.data.source=dir", f"--config.data.dir={data_dir}"]
   ae_dir, dit_dir = os.path.join(out, "ae"), os.path.join(out, dit_name)
   seconds = {}
   start = time.time()
-  trainer.train_stage(_config("autoencoder", data + [f"--config.total_steps={ae_steps}"]), ae_dir,
+  trainer.train_stage(_config("autoencoder", data + [f"--config.total_steps={ae_steps}"], base), ae_dir,
                       what="the autoencoder", progress=progress)
   seconds["train_autoencoder"] = time.time() - start
   start = time.time()
   trainer.train_stage(_config("", data + [f"--config.total_steps={dit_steps}",
-                                          f"--config.autoencoder_workdir={ae_dir}"] + list(dit_overrides)),
+                                          f"--config.autoencoder_workdir={ae_dir}"] + list(dit_overrides), base),
                       dit_dir, what=f"the denoiser {dit_name}", progress=progress)
   seconds["train_denoiser"] = time.time() - start
   return ae_dir, dit_dir, seconds
@@ -144,9 +148,14 @@ def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 800, dit_steps: 
 def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 800, dit_steps: int = 2800,
                    variants: Sequence[str] | None = None, eval_players: tuple[int, int] = (1, 8),
                    train_players: tuple[int, int] = COMPARE_PLAYERS, episodes_per_count: int = 6,
-                   eval_steps: int = 8, denoise_steps: int = 10, seed: int = 0,
-                   progress: bool = True) -> dict[str, Any]:
-  """Trains and evaluates each variant; writes comparison.json and comparison.md. Resumable per variant."""
+                   eval_steps: int = 8, denoise_steps: int = 10, seed: int = 0, config: str = "tiny",
+                   eval_episodes: int = 24, progress: bool = True) -> dict[str, Any]:
+  """Trains and evaluates each variant; writes comparison.json and comparison.md. Resumable per variant.
+
+  `config` "tiny": the built-in game (`episodes` of `train_players` under `out/data/`), each variant scored on
+  fresh episodes of each count in `eval_players`. A Melting Pot config (`meltingpot:tiny`): its own substrates and
+  dataset (generated into the cache), each variant scored on `eval_episodes` of the test split and as many of the
+  held-out substrates' (`data.heldout_substrates`)."""
   from ap_jax import evaluate
   from ap_jax.train import trainer
 
@@ -155,22 +164,42 @@ def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 800, dit_s
   if unknown:
     raise ValueError(f"unknown variants {unknown}: expected names from {', '.join(VARIANTS)}")
   os.makedirs(out, exist_ok=True)
-  data_dir = build_data(out, episodes, train_players)
+  base_config = _config("", [], config)
+  meltingpot = base_config.data.source == "meltingpot"
+  if meltingpot:
+    data_dir = None  # the config's own substrates
+    train_players = tuple(base_config.data.players)
+  elif base_config.data.source in ("builtin", "live"):
+    data_dir = build_data(out, episodes, train_players)
+  else:
+    raise ValueError(f"--config {config}: data.source = {base_config.data.source!r}; the comparison generates its "
+                     "data, so it takes the built-in game (tiny) or a Melting Pot config (meltingpot:tiny)")
   table: dict[str, Any] = {}
   for name in names:
     start = time.time()
-    _, dit_dir, _ = train_stages(out, data_dir, ae_steps=ae_steps, dit_steps=dit_steps,
+    _, dit_dir, _ = train_stages(out, data_dir, ae_steps=ae_steps, dit_steps=dit_steps, base=config,
                                  dit_overrides=VARIANTS[name], dit_name=f"dit_{name}", progress=progress)
     train_s = time.time() - start
     trained = trainer.load_trained(dit_dir)
-    cases = evaluate.fresh_builtin_cases(trained.config, eval_players, episodes_per_count, eval_steps)
     start = time.time()
-    results = evaluate.evaluate(trained, cases, seed=seed, batch_size=8, denoise_steps=denoise_steps)
+    if meltingpot:
+      cases = evaluate.dataset_cases(trained.config, "test", range(eval_episodes), eval_steps)
+      results = evaluate.evaluate(trained, cases, seed=seed, batch_size=8, denoise_steps=denoise_steps)
+      held_cases = evaluate.dataset_dir_cases(trainer.resolve_dataset(trained.config.data, heldout=True), "test",
+                                              range(eval_episodes), eval_steps)
+      results["heldout"] = evaluate.evaluate(trained, held_cases, seed=seed, batch_size=8,
+                                             denoise_steps=denoise_steps)
+    else:
+      cases = evaluate.fresh_builtin_cases(trained.config, eval_players, episodes_per_count, eval_steps)
+      results = evaluate.evaluate(trained, cases, seed=seed, batch_size=8, denoise_steps=denoise_steps)
     results["seconds"] = dict(train=train_s, evaluate=time.time() - start)
     table[name] = results
     log.info("variant %s: movement %.3f, subjects %.3f", name, results["movement_accuracy"],
              results["subject_preservation"])
     evaluate.write_json(table, os.path.join(out, "comparison.json"))
+  if meltingpot:
+    counts = sorted({int(n) for res in table.values() for n in res.get("by_players", {})})
+    eval_players = (counts[0], counts[-1]) if counts else train_players
   markdown = comparison_markdown(table, eval_players, train_players)
   with open(os.path.join(out, "comparison.md"), "w") as f:
     f.write(markdown)
@@ -190,6 +219,14 @@ def comparison_markdown(table: dict[str, Any], eval_players: tuple[int, int],
     lines.append(f"| {name} | " + " | ".join(fmt(res.get(k)) for k in keys) + " |")
   hold = next((res["baselines"]["hold_initial_frame"] for res in table.values() if "baselines" in res), None)
   if hold is not None:  # the same cases for every variant: one row
+    lines.append("| (hold the initial frame) | " + " | ".join(fmt(hold.get(k)) for k in keys) + " |")
+  if any("heldout" in res for res in table.values()):  # Melting Pot: substrates held out of training
+    lines += ["", "Substrates held out of training:", "", "| variant | " + " | ".join(keys) + " |",
+              "|---|" + "---|" * len(keys)]
+    for name, res in table.items():
+      if "heldout" in res:
+        lines.append(f"| {name} | " + " | ".join(fmt(res["heldout"].get(k)) for k in keys) + " |")
+    hold = next(res["heldout"]["baselines"]["hold_initial_frame"] for res in table.values() if "heldout" in res)
     lines.append("| (hold the initial frame) | " + " | ".join(fmt(hold.get(k)) for k in keys) + " |")
   counts = list(range(eval_players[0], eval_players[1] + 1))
   lines += ["", f"Movement accuracy by number of players (trained on {train_players[0]}-{train_players[1]}):", "",

@@ -1,41 +1,87 @@
-"""ActionParty (small model) on Melting Pot rollouts, as in the paper: substrates with 2 to 7 players padded to 8
-slots, 4-action clips.
+"""ActionParty on Melting Pot rollouts: trained on a named set of substrates, evaluated on substrates held out.
 
-  ap-jax data --source meltingpot --substrates coins,commons_harvest__open,clean_up --players 2-7 \
-      --episodes 5000 --steps 32 --canvas 256x256 --out data/meltingpot
-  ap-jax train --config configs/meltingpot.py:autoencoder --workdir runs/mp/ae
-  ap-jax train --config configs/meltingpot.py --workdir runs/mp/dit --config.autoencoder_workdir=runs/mp/ae
+The config names its substrates; the dataset is generated into the cache on first use (as the built-in game's
+is), and so is the held-out substrates' dataset the first time `ap-jax eval --heldout` asks for it:
 
-Held-out substrates: generate a second dataset of substrates not in training (same canvas), then
-  ap-jax eval --workdir runs/mp/dit --data data/meltingpot_heldout --split test --episodes 32 --steps 20 \
-      --out heldout.json
-and `ap-jax eval --oracle --data DIR --split test ...` gives the metric pipeline's ceiling on the same episodes.
-Frames are scored by detectors learned per substrate (ap_jax/eval/learned_detector.py).
+  ap-jax train --config meltingpot:autoencoder --workdir runs/mp/ae
+  ap-jax train --config meltingpot --workdir runs/mp/dit --config.autoencoder_workdir=runs/mp/ae
+  ap-jax eval --workdir runs/mp/dit --split test --episodes 32 --out mp_test.json        # training substrates
+  ap-jax eval --workdir runs/mp/dit --heldout --episodes 32 --out mp_heldout.json        # held-out substrates
 
-Hardware: one accelerator or a TPU slice (data parallel). Expected: not yet measured (see README).
+`ap-jax eval --oracle --data DIR ...` gives the metric pipeline's ceiling on the same episodes. Frames are scored
+by detectors learned per substrate (ap_jax/eval/learned_detector.py). The meltingpot extra must be installed.
+
+Arguments (comma-separated after the colon):
+- `tiny`: the built-in game's tiny recipe (configs/tiny.py) on the Melting Pot substrates whose maps fit a 64 x 64
+  canvas at 4 px per cell: the collaborative_cooking family. Trains on `crowded` (2-7 players) and `figure_eight`
+  (2-6), and holds out the five two-player kitchens (`asymmetric`, `circuit`, `cramped`, `forced`, `ring`): layouts
+  never seen, same sprites. 2 CPU cores; README "Melting Pot" has its numbers.
+- default (no `tiny`): the small model on a 256 x 256 canvas (8 px cells for maps up to 32 x 32 cells), the
+  paper's setting of 2-7 players padded to 8 slots, on an accelerator or a TPU slice (data parallel).
+- `autoencoder` selects that stage; `runlocal` shrinks the run to a smoke test (a few steps and episodes).
+Override the substrates with `--config.data.substrates=a,b --config.data.heldout_substrates=c,d`.
 """
 
 from ap_jax.train import config_utils
 from ap_jax.train.defaults import base_config
 
-ARGS = ("autoencoder", "runlocal")
+ARGS = ("autoencoder", "runlocal", "tiny")
+
+# The small model's default: substrates of several families whose maps fit the 256 x 256 canvas at 8 px per
+# cell, 2-7 players each, and held-out substrates of families seen in training (new maps and rules, known sprites).
+TRAIN_SUBSTRATES = ("clean_up", "commons_harvest__open", "commons_harvest__closed", "territory__inside_out",
+                    "prisoners_dilemma_in_the_matrix__arena", "stag_hunt_in_the_matrix__repeated",
+                    "predator_prey__open", "collaborative_cooking__crowded")
+HELDOUT_SUBSTRATES = ("commons_harvest__partnership", "chicken_in_the_matrix__arena", "predator_prey__orchard",
+                      "collaborative_cooking__figure_eight")
+
+TINY_TRAIN_SUBSTRATES = ("collaborative_cooking__crowded", "collaborative_cooking__figure_eight")
+TINY_HELDOUT_SUBSTRATES = ("collaborative_cooking__asymmetric", "collaborative_cooking__circuit",
+                           "collaborative_cooking__cramped", "collaborative_cooking__forced",
+                           "collaborative_cooking__ring")
+
+
+def _tiny(args):
+  tiny_arg = ",".join(a for a in args if a in ("autoencoder", "runlocal"))
+  c = config_utils.load_config(f"tiny:{tiny_arg}")
+  c.data.frame_hw = (64, 64)
+  c.data.substrates = TINY_TRAIN_SUBSTRATES
+  c.data.heldout_substrates = TINY_HELDOUT_SUBSTRATES
+  c.data.heldout_players = (2, 2)  # the held-out kitchens take 1 or 2 players
+  c.data.heldout_episodes = 300
+  c.data.episodes = 1500
+  c.data.players = (2, 7)
+  if "runlocal" in args:
+    c.data.episodes = 12
+    c.data.heldout_episodes = 6
+  return c
 
 
 def get_config(arg=None):
   args = config_utils.config_args(arg, ARGS)
-  c = base_config("small")
-  c.stage = "autoencoder" if "autoencoder" in args else "denoiser"
-  c.model.dit.dtype = "bfloat16"
-  c.data.source = "dir"
-  c.data.dir = "data/meltingpot"
-  c.data.frame_hw = (256, 256)
-  c.data.players = (2, 7)
-  c.data.global_batch_size = 32
-  c.total_steps = 20000 if c.stage == "autoencoder" else 100000
-  c.checkpoint_every = 1000
-  c.log_every = 50
-  if "runlocal" in args:
-    c.model.dit.dtype = "float32"
-    c.total_steps = 3
-    c.log_every = 1
+  if "tiny" in args:
+    c = _tiny(args)
+  else:
+    c = base_config("small")
+    c.stage = "autoencoder" if "autoencoder" in args else "denoiser"
+    c.model.dit.dtype = "bfloat16"
+    c.data.frame_hw = (256, 256)
+    c.data.substrates = TRAIN_SUBSTRATES
+    c.data.heldout_substrates = HELDOUT_SUBSTRATES
+    c.data.episodes = 5000
+    c.data.heldout_episodes = 500
+    c.data.players = (2, 7)
+    c.data.global_batch_size = 32
+    c.total_steps = 20000 if c.stage == "autoencoder" else 100000
+    c.checkpoint_every = 1000
+    c.log_every = 50
+    if "runlocal" in args:
+      c.model.dit.dtype = "float32"
+      c.total_steps = 3
+      c.log_every = 1
+      c.data.episodes = 12
+      c.data.heldout_episodes = 6
+      c.data.frame_hw = (64, 64)
+  c.data.source = "meltingpot"
+  c.data.steps = 16
   return c

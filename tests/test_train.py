@@ -5,6 +5,7 @@ Runs on the 8 forced CPU devices that conftest.py sets up. Models are shrunk by 
 with the real configs) so that each test compiles and runs in seconds.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -599,3 +600,56 @@ def test_sigkill_at_random_points_and_during_saves_resumes_bit_exact(straight_ru
   records = crash_soak.run_soak(workdir, kills=2, total=20, seed=1)
   assert records[0]["save_in_flight"], "the first kill is meant to land while a save is being written"
   assert crash_soak.mismatches(crash_soak.logged_losses(workdir), straight_run, 20) == []
+
+
+def test_meltingpot_configs_name_their_training_and_held_out_substrates():
+  for arg in ("tiny", "", "tiny,autoencoder"):
+    config = config_utils.load_config("meltingpot" + (f":{arg}" if arg else ""))
+    spec, held = trainer.generation_spec(config.data), trainer.generation_spec(config.data, heldout=True)
+    assert spec.source == held.source == "meltingpot"
+    assert spec.substrates and held.substrates and not set(spec.substrates) & set(held.substrates)
+    assert spec.canvas_hw == held.canvas_hw == tuple(trainer.frame_hw(config))
+    assert (held.steps, held.policy, held.seed) == (spec.steps, spec.policy, spec.seed)
+    assert spec.content_hash() != held.content_hash()
+  tiny = config_utils.load_config("meltingpot:tiny")
+  assert tiny.model_name == "tiny" and tiny.model.dit.previous_frame_input  # the built-in game's tiny recipe
+  # How a dataset is generated (worker processes, vmapped chunk) does not change what it holds, nor its name.
+  spec = trainer.generation_spec(tiny.data)
+  assert spec.content_hash() == dataclasses.replace(spec, workers=7, chunk=3).content_hash()
+  assert spec.content_hash() != dataclasses.replace(spec, episodes=spec.episodes + 1).content_hash()
+  # Substrate lists from the command line.
+  config_utils.apply_overrides(tiny, ["--config.data.substrates=coins, clean_up",
+                                      "--config.data.heldout_substrates=clean_up"])
+  assert tiny.data.substrates == ("coins", "clean_up")
+  with pytest.raises(config_utils.ConfigError, match=r"includes training substrates \['clean_up'\]"):
+    trainer.generation_spec(tiny.data, heldout=True)
+  config_utils.apply_overrides(tiny, ["--config.data.heldout_substrates=()"])
+  with pytest.raises(config_utils.ConfigError, match="no held-out substrates: set data.heldout_substrates"):
+    trainer.generation_spec(tiny.data, heldout=True)
+  with pytest.raises(config_utils.ConfigError, match="held-out substrates are for data.source = 'meltingpot', "
+                                                     "not 'builtin'"):
+    trainer.resolve_dataset(config_utils.load_config("tiny").data, heldout=True)
+
+
+@pytest.mark.slow  # Melting Pot episodes, detectors fitted on first use, two stages compiled: about 3 min
+@pytest.mark.meltingpot
+def test_meltingpot_config_trains_and_scores_its_held_out_substrates(tmp_path, monkeypatch):
+  pytest.importorskip("meltingpot")
+  from ap_jax import cli
+
+  monkeypatch.setenv("AP_JAX_CACHE", str(tmp_path / "cache"))
+  config = ["--config", "meltingpot:tiny,runlocal", "--config.data.heldout_substrates=collaborative_cooking__ring"]
+  ae, dit, out = str(tmp_path / "ae"), str(tmp_path / "dit"), str(tmp_path / "heldout.json")
+  assert cli.main(["train", "--config", "meltingpot:tiny,autoencoder,runlocal", "--workdir", ae,
+                   "--config.total_steps=2"]) == 0
+  assert cli.main(["train", *config, "--workdir", dit, "--config.total_steps=2",
+                   f"--config.autoencoder_workdir={ae}"]) == 0
+  datasets = os.listdir(tmp_path / "cache" / "datasets")
+  assert len(datasets) == 1 and datasets[0].startswith("meltingpot-")  # generated from the config on first use
+  assert cli.main(["eval", "--workdir", dit, "--heldout", "--episodes", "1", "--steps", "2", "--denoise-steps", "1",
+                   "--out", out]) == 0
+  results = json.load(open(out))
+  assert results["heldout"] is True and set(results["by_substrate"]) == {"collaborative_cooking__ring"}
+  assert results["data"].startswith(str(tmp_path / "cache" / "datasets" / "meltingpot-"))
+  assert 0.0 <= results["movement_accuracy"] <= 1.0 and results["episodes"][0]["steps"] == 2
+  assert cli.main(["eval", "--workdir", dit, "--heldout", "--players", "2-2", "--out", out]) == 2

@@ -16,6 +16,7 @@ nor tensorflow: `ap_jax.data.dataset.open_split` reads the directory with `tfds.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 from typing import Any, Iterator
@@ -70,6 +71,11 @@ class GenerationSpec:
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self))
+
+  def content_hash(self) -> str:
+    """12 hex digits naming what is generated (not how: `workers` and `chunk` leave the episodes unchanged)."""
+    content = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("workers", "chunk")}
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:12]
 
 
 def config_name_for(spec: GenerationSpec) -> str:

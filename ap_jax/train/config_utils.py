@@ -85,7 +85,9 @@ def _parse_value(text: str, old: Any, key: str) -> Any:
     return float(value)
   if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
     return type(old)(value)
-  if isinstance(old, (tuple, list)) and isinstance(value, (int, float, str)):
+  if isinstance(old, (tuple, list)) and isinstance(value, str):
+    return type(old)(v.strip() for v in value.split(",") if v.strip())  # names: a,b,c
+  if isinstance(old, (tuple, list)) and isinstance(value, (int, float)):
     return type(old)([value])
   if isinstance(old, str) and not isinstance(value, str):
     return text

@@ -28,14 +28,19 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
   c.async_checkpointing = True
 
   c.data = ml_collections.ConfigDict(dict(
-      source="builtin",  # builtin (generated into the cache on first use) | dir (data.dir) | live
+      # builtin | meltingpot (either generated into the cache on first use) | dir (data.dir) | live
+      source="builtin",
       dir="",
+      substrates=(),  # meltingpot: the training substrates (builtin: layouts; empty = all)
+      heldout_substrates=(),  # meltingpot: substrates kept out of training (`ap-jax eval --heldout`)
+      heldout_players=(),  # their player-count range (empty: data.players)
+      heldout_episodes=0,  # their dataset's episodes over all splits (0: data.episodes)
       episodes=2000,
       steps=16,
       players=(2, 4),
       grid=(8, 8),
       cell_size=8,
-      frame_hw=(),  # () = grid * cell_size (built-in); set for stored datasets of other canvases
+      frame_hw=(),  # () = grid * cell_size (built-in); the Melting Pot canvas; set for stored datasets of other sizes
       policy="sticky",
       sticky_p=0.7,
       generation_seed=0,

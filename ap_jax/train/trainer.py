@@ -171,25 +171,54 @@ def dataset_cache_dir() -> str:
   return os.environ.get("AP_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ap_jax"))
 
 
-def generation_spec(data: ml_collections.ConfigDict) -> tfds_builder.GenerationSpec:
-  return tfds_builder.GenerationSpec(
-      source="builtin", episodes=int(data.episodes), steps=int(data.steps), players=tuple(data.players),
-      grid_hw=tuple(data.grid), cell_size=int(data.cell_size), policy=data.policy, sticky_p=float(data.sticky_p),
-      seed=int(data.generation_seed))
+def generation_spec(data: ml_collections.ConfigDict, heldout: bool = False) -> tfds_builder.GenerationSpec:
+  """What `data.source = 'builtin'` or `'meltingpot'` generates (`data.substrates` on a `data.frame_hw` canvas for
+  Melting Pot). With `heldout`, the Melting Pot substrates held out of training (`data.heldout_substrates`, with
+  `data.heldout_players` and `data.heldout_episodes`), on the same canvas, steps and policy."""
+  common = dict(episodes=int(data.episodes), steps=int(data.steps), players=tuple(data.players), policy=data.policy,
+                sticky_p=float(data.sticky_p), seed=int(data.generation_seed))
+  if data.source == "meltingpot":
+    if not data.get("frame_hw"):
+      raise config_utils.ConfigError("data.source = 'meltingpot' needs data.frame_hw, the canvas (height, width)")
+    common.update(source="meltingpot", canvas_hw=(int(data.frame_hw[0]), int(data.frame_hw[1])),
+                  substrates=tuple(data.get("substrates") or ()))
+    if heldout:
+      held = tuple(data.get("heldout_substrates") or ())
+      if not held:
+        raise config_utils.ConfigError("no held-out substrates: set data.heldout_substrates (comma-separated "
+                                       "Melting Pot substrates not in data.substrates)")
+      overlap = sorted(set(held) & set(common["substrates"]))
+      if overlap:
+        raise config_utils.ConfigError(f"data.heldout_substrates = {held} includes training substrates {overlap}")
+      common.update(substrates=held, players=tuple(data.get("heldout_players") or data.players),
+                    episodes=int(data.get("heldout_episodes") or data.episodes))
+    return tfds_builder.GenerationSpec(**common)
+  if heldout:
+    raise config_utils.ConfigError(f"held-out substrates are for data.source = 'meltingpot', not {data.source!r}")
+  return tfds_builder.GenerationSpec(source="builtin", grid_hw=tuple(data.grid), cell_size=int(data.cell_size),
+                                     substrates=tuple(data.get("substrates") or ()), **common)
 
 
-def resolve_dataset(data: ml_collections.ConfigDict) -> str:
-  """The dataset directory for `data.source = 'builtin'` or `'dir'`; the built-in one is generated into the
-  cache the first time (every process may do so; the atomic rename keeps exactly one copy)."""
-  if data.source == "dir":
+GENERATED_SOURCES = ("builtin", "meltingpot")
+
+
+def resolve_dataset(data: ml_collections.ConfigDict, heldout: bool = False) -> str:
+  """The dataset directory of `data.source = 'dir'` (data.dir), or of a generated source ('builtin' or
+  'meltingpot'), generated into the cache the first time (every process may do so; the atomic rename keeps exactly
+  one copy) under a name that hashes what was generated. `heldout`: the held-out Melting Pot substrates' dataset
+  (`generation_spec`)."""
+  if data.source == "dir" and not heldout:
     if not data.dir:
       raise config_utils.ConfigError("data.source = 'dir' needs data.dir, a dataset written by `ap-jax data`")
     return data.dir
-  spec = generation_spec(data)
-  path = data.dir or os.path.join(dataset_cache_dir(), "datasets",
-                                  f"builtin-{hashlib.sha256(spec.to_json().encode()).hexdigest()[:12]}")
+  if data.source not in GENERATED_SOURCES:
+    raise config_utils.ConfigError(f"data.source = {data.source!r} has no generated dataset; expected one of "
+                                   f"{', '.join(GENERATED_SOURCES)}" + (" for held-out substrates" if heldout else ""))
+  spec = generation_spec(data, heldout)
+  path = data.dir if data.dir and not heldout else os.path.join(
+      dataset_cache_dir(), "datasets", f"{spec.source}-{spec.content_hash()}")
   if not os.path.exists(os.path.join(path, dataset_lib.INFO_FILE)):
-    log.info("built-in dataset not found at %s: generating %d episodes", path, spec.episodes)
+    log.info("%s dataset not found at %s: generating %d episodes", spec.source, path, spec.episodes)
     try:
       dataset_lib.build(spec, path)
     except (FileExistsError, OSError):
@@ -203,9 +232,9 @@ def open_source(config: ml_collections.ConfigDict, split: str = "train"):
   data = config.data
   if data.source == "live":
     return pipeline_lib.LiveEpisodeSource(generation_spec(data))
-  if data.source in ("builtin", "dir"):
+  if data.source in GENERATED_SOURCES + ("dir",):
     return dataset_lib.open_split(resolve_dataset(data), split)
-  raise config_utils.ConfigError(f"data.source = {data.source!r}, expected 'builtin', 'dir' or 'live'")
+  raise config_utils.ConfigError(f"data.source = {data.source!r}, expected 'builtin', 'meltingpot', 'dir' or 'live'")
 
 
 def encode_source(source, vae_params, model_config, *, batch_frames: int = 128, progress: bool = True,
