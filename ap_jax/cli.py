@@ -377,7 +377,8 @@ def add_eval(sub):
   p.add_argument("--steps", type=int, default=None,
                  help="steps per rollout (default: the episodes' length; with --players, data.steps)")
   p.add_argument("--players", type=_players, default=None,
-                 help="MIN-MAX: fresh built-in episodes with each of these player counts instead of the split")
+                 help="MIN-MAX: fresh episodes with each of these player counts instead of the split (the "
+                      "built-in game, or the Melting Pot substrates the model was trained on)")
   p.add_argument("--batch-size", type=int, default=8, help="rollouts generated together")
   p.add_argument("--out", required=True, help="results JSON")
   p.set_defaults(func=cmd_eval)
@@ -415,7 +416,7 @@ def cmd_eval(args) -> int:
       evaluate.check_frame_size(trained.config, cases)
     elif args.players is not None:
       steps = args.steps if args.steps is not None else int(trained.config.data.steps)
-      cases = evaluate.fresh_builtin_cases(trained.config, args.players, args.episodes, steps)
+      cases = evaluate.fresh_cases(trained.config, args.players, args.episodes, steps)
     else:
       cases = evaluate.dataset_cases(trained.config, args.split, range(args.episodes), args.steps)
     evaluate.check_scorable(cases)

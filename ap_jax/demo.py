@@ -152,10 +152,11 @@ def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 800, dit_s
                    eval_episodes: int = 24, progress: bool = True) -> dict[str, Any]:
   """Trains and evaluates each variant; writes comparison.json and comparison.md. Resumable per variant.
 
-  `config` "tiny": the built-in game (`episodes` of `train_players` under `out/data/`), each variant scored on
-  fresh episodes of each count in `eval_players`. A Melting Pot config (`meltingpot:tiny`): its own substrates and
-  dataset (generated into the cache), each variant scored on `eval_episodes` of the test split and as many of the
-  held-out substrates' (`data.heldout_substrates`)."""
+  `config` "tiny": the built-in game (`episodes` of `train_players` under `out/data/`). A Melting Pot config
+  (`meltingpot:tiny`): its own substrates, players and dataset (generated into the cache). Each variant is scored on
+  fresh episodes of each count in `eval_players` (Melting Pot: of the training substrates, counts they allow); a
+  Melting Pot variant also on `eval_episodes` of the test split and of the held-out substrates
+  (`data.heldout_substrates`), whole episodes."""
   from ap_jax import evaluate
   from ap_jax.train import trainer
 
@@ -182,24 +183,18 @@ def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 800, dit_s
     train_s = time.time() - start
     trained = trainer.load_trained(dit_dir)
     start = time.time()
-    if meltingpot:
-      cases = evaluate.dataset_cases(trained.config, "test", range(eval_episodes), eval_steps)
-      results = evaluate.evaluate(trained, cases, seed=seed, batch_size=8, denoise_steps=denoise_steps)
-      held_cases = evaluate.dataset_dir_cases(trainer.resolve_dataset(trained.config.data, heldout=True), "test",
-                                              range(eval_episodes), eval_steps)
-      results["heldout"] = evaluate.evaluate(trained, held_cases, seed=seed, batch_size=8,
-                                             denoise_steps=denoise_steps)
-    else:
-      cases = evaluate.fresh_builtin_cases(trained.config, eval_players, episodes_per_count, eval_steps)
-      results = evaluate.evaluate(trained, cases, seed=seed, batch_size=8, denoise_steps=denoise_steps)
+    cases = evaluate.fresh_cases(trained.config, eval_players, episodes_per_count, eval_steps)
+    results = evaluate.evaluate(trained, cases, seed=seed, batch_size=8, denoise_steps=denoise_steps)
+    if meltingpot:  # also the dataset's own test split, and the substrates held out of training
+      for key, path in (("test_split", trainer.resolve_dataset(trained.config.data)),
+                        ("heldout", trainer.resolve_dataset(trained.config.data, heldout=True))):
+        more = evaluate.dataset_dir_cases(path, "test", range(eval_episodes), None)
+        results[key] = evaluate.evaluate(trained, more, seed=seed, batch_size=8, denoise_steps=denoise_steps)
     results["seconds"] = dict(train=train_s, evaluate=time.time() - start)
     table[name] = results
     log.info("variant %s: movement %.3f, subjects %.3f", name, results["movement_accuracy"],
              results["subject_preservation"])
     evaluate.write_json(table, os.path.join(out, "comparison.json"))
-  if meltingpot:
-    counts = sorted({int(n) for res in table.values() for n in res.get("by_players", {})})
-    eval_players = (counts[0], counts[-1]) if counts else train_players
   markdown = comparison_markdown(table, eval_players, train_players)
   with open(os.path.join(out, "comparison.md"), "w") as f:
     f.write(markdown)
@@ -220,13 +215,15 @@ def comparison_markdown(table: dict[str, Any], eval_players: tuple[int, int],
   hold = next((res["baselines"]["hold_initial_frame"] for res in table.values() if "baselines" in res), None)
   if hold is not None:  # the same cases for every variant: one row
     lines.append("| (hold the initial frame) | " + " | ".join(fmt(hold.get(k)) for k in keys) + " |")
-  if any("heldout" in res for res in table.values()):  # Melting Pot: substrates held out of training
-    lines += ["", "Substrates held out of training:", "", "| variant | " + " | ".join(keys) + " |",
-              "|---|" + "---|" * len(keys)]
+  for key, title in (("test_split", "The training substrates' test split"),
+                     ("heldout", "Substrates held out of training")):  # Melting Pot
+    if not any(key in res for res in table.values()):
+      continue
+    lines += ["", f"{title}:", "", "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, res in table.items():
-      if "heldout" in res:
-        lines.append(f"| {name} | " + " | ".join(fmt(res["heldout"].get(k)) for k in keys) + " |")
-    hold = next(res["heldout"]["baselines"]["hold_initial_frame"] for res in table.values() if "heldout" in res)
+      if key in res:
+        lines.append(f"| {name} | " + " | ".join(fmt(res[key].get(k)) for k in keys) + " |")
+    hold = next(res[key]["baselines"]["hold_initial_frame"] for res in table.values() if key in res)
     lines.append("| (hold the initial frame) | " + " | ".join(fmt(hold.get(k)) for k in keys) + " |")
   counts = list(range(eval_players[0], eval_players[1] + 1))
   lines += ["", f"Movement accuracy by number of players (trained on {train_players[0]}-{train_players[1]}):", "",

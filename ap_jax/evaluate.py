@@ -201,6 +201,51 @@ def fresh_builtin_cases(config, players: tuple[int, int], episodes_per_count: in
   return cases
 
 
+def fresh_meltingpot_cases(config, players: tuple[int, int], episodes_per_count: int, steps: int) -> list[Case]:
+  """`episodes_per_count` new Melting Pot episodes of the config's training substrates for each player count in
+  [MIN, MAX] that at least one of them allows (counts none allows are skipped, and logged), `steps` actions long,
+  from seeds `generation_seed + FRESH_SEED_OFFSET + ...`: a dataset per count, generated into the cache once."""
+  from ap_jax.data import meltingpot
+  from ap_jax.data import tfds_builder
+  from ap_jax.train import trainer
+
+  if config.data.source != "meltingpot":
+    raise EvalError(f"fresh Melting Pot episodes need a model trained on data.source = 'meltingpot', not "
+                    f"{config.data.source!r}")
+  lo, hi = players
+  if not 1 <= lo <= hi <= A.MAX_PLAYERS:
+    raise EvalError(f"--players {lo}-{hi}, expected 1 <= MIN <= MAX <= {A.MAX_PLAYERS}")
+  if steps < 1 or episodes_per_count < 1:
+    raise EvalError(f"steps {steps}, episodes per count {episodes_per_count}: expected at least 1 of each")
+  spec = trainer.generation_spec(config.data)
+  cases = []
+  for n in range(lo, hi + 1):
+    substrates = tuple(s for s in spec.substrates if n in meltingpot.player_counts(s))
+    if not substrates:
+      log.info("no training substrate takes %d players (%s): skipped", n, ", ".join(spec.substrates))
+      continue
+    total = episodes_per_count
+    while dataclasses.replace(spec, episodes=total).split_sizes()["train"] < episodes_per_count:
+      total += 1
+    fresh = dataclasses.replace(spec, substrates=substrates, players=(n, n), steps=steps, episodes=total,
+                                seed=spec.seed + FRESH_SEED_OFFSET + 1000 * n)
+    assert isinstance(fresh, tfds_builder.GenerationSpec)
+    path = trainer.cached_dataset(fresh)
+    cases += [dataclasses.replace(c, name=f"fresh:{n}p:{c.seed}")
+              for c in dataset_dir_cases(path, "train", range(episodes_per_count), steps)]
+  if not cases:
+    raise EvalError(f"no training substrate ({', '.join(spec.substrates)}) takes {lo}-{hi} players")
+  return cases
+
+
+def fresh_cases(config, players: tuple[int, int], episodes_per_count: int, steps: int) -> list[Case]:
+  """Fresh held-out episodes of each player count: of the built-in game, or of the config's Melting Pot
+  substrates."""
+  if config.data.source == "meltingpot":
+    return fresh_meltingpot_cases(config, players, episodes_per_count, steps)
+  return fresh_builtin_cases(config, players, episodes_per_count, steps)
+
+
 # ------------------------------------------------------------------------------------------------ running
 
 

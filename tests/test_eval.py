@@ -415,6 +415,13 @@ def test_comparison_table_has_a_row_per_variant_and_one_for_the_static_baseline(
   assert lines[3] == "| global_actions | 0.125 | 0.500 | - | 18.2 |"
   assert lines[4] == "| (hold the initial frame) | 0.500 | 1.000 | - | 21.8 |"
   assert lines[-1] == "| global_actions | - | 0.125 |"
+  # Melting Pot rows: the test split and the held-out substrates, each with its own held frame.
+  full = dict(row(0.25), heldout=row(0.75))
+  lines = demo.comparison_markdown({"full": full, "global_actions": row(0.125)}, (1, 2)).splitlines()
+  held = lines.index("Substrates held out of training:")
+  assert lines[held + 4:held + 6] == ["| full | 0.750 | 0.500 | - | 18.2 |",
+                                      "| (hold the initial frame) | 0.500 | 1.000 | - | 21.8 |"]
+  assert "The training substrates' test split:" not in lines
 
 
 def test_oracle_scores_a_datasets_true_frames_perfectly(tmp_path, capsys):

@@ -653,3 +653,9 @@ def test_meltingpot_config_trains_and_scores_its_held_out_substrates(tmp_path, m
   assert results["data"].startswith(str(tmp_path / "cache" / "datasets" / "meltingpot-"))
   assert 0.0 <= results["movement_accuracy"] <= 1.0 and results["episodes"][0]["steps"] == 2
   assert cli.main(["eval", "--workdir", dit, "--heldout", "--players", "2-2", "--out", out]) == 2
+  # Fresh episodes of a player count only one training substrate takes (figure_eight takes at most 6).
+  assert cli.main(["eval", "--workdir", dit, "--players", "8-8", "--episodes", "1", "--steps", "2",
+                   "--denoise-steps", "1", "--out", out]) == 0
+  results = json.load(open(out))
+  assert set(results["by_substrate"]) == {"collaborative_cooking__crowded"} and set(results["by_players"]) == {"8"}
+  assert results["episodes"][0]["name"].startswith("fresh:8p:") and results["episodes"][0]["steps"] == 2

@@ -214,9 +214,13 @@ def resolve_dataset(data: ml_collections.ConfigDict, heldout: bool = False) -> s
   if data.source not in GENERATED_SOURCES:
     raise config_utils.ConfigError(f"data.source = {data.source!r} has no generated dataset; expected one of "
                                    f"{', '.join(GENERATED_SOURCES)}" + (" for held-out substrates" if heldout else ""))
-  spec = generation_spec(data, heldout)
-  path = data.dir if data.dir and not heldout else os.path.join(
-      dataset_cache_dir(), "datasets", f"{spec.source}-{spec.content_hash()}")
+  return cached_dataset(generation_spec(data, heldout), data.dir if data.dir and not heldout else None)
+
+
+def cached_dataset(spec: tfds_builder.GenerationSpec, path: str | None = None) -> str:
+  """The dataset `spec` generates, at `path` or in the cache under a name that hashes the spec; generated there the
+  first time (every process may do so; the atomic rename keeps exactly one copy)."""
+  path = path or os.path.join(dataset_cache_dir(), "datasets", f"{spec.source}-{spec.content_hash()}")
   if not os.path.exists(os.path.join(path, dataset_lib.INFO_FILE)):
     log.info("%s dataset not found at %s: generating %d episodes", spec.source, path, spec.episodes)
     try:
