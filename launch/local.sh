@@ -3,13 +3,14 @@
 # one of the project's jobs in it.
 #
 #   bash launch/local.sh demo [ARGS]   install, then `ap-jax demo` (the main job on the built-in game)
-#   bash launch/local.sh test [ARGS]   install with the dev and meltingpot extras, then the test suite
+#   bash launch/local.sh test [ARGS]   install with the dev, meltingpot, bench and tpu extras, then the test suite
 #   bash launch/local.sh setup         install only (the base package and the dev extra)
 #   bash launch/local.sh ap-jax ARGS   install, then any ap-jax command
 #
 # Environment: PYTHON (interpreter that creates the venv, default python3), VENV (default .venv),
 # AP_JAX_SKIP_MELTINGPOT=1 to test without Melting Pot (its tests then skip), AP_JAX_SKIP_BENCH=1 without the
-# bench extra (torch, diffusers: the peer benchmark's test then skips).
+# bench extra (torch, diffusers: the peer benchmark's test then skips), AP_JAX_SKIP_TPU=1 without the tpu extra
+# (libtpu: the ahead-of-time TPU compile tests then skip).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -57,6 +58,11 @@ install_bench() {
   python -m pip install -q "torch==2.13.0" && python -m pip install -q -e ".[bench]"
 }
 
+setup_tpu() {
+  setup_extra "the tpu extra (libtpu: ahead-of-time TPU compiles)" AP_JAX_SKIP_TPU libtpu \
+    python -m pip install -q -e ".[tpu]"
+}
+
 setup_bench() {
   setup_extra "the bench extra (torch 2.13.0 CPU build, diffusers)" AP_JAX_SKIP_BENCH "torch, diffusers" install_bench
 }
@@ -72,6 +78,7 @@ case "$JOB" in
     setup
     setup_meltingpot
     setup_bench
+    setup_tpu
     log "running the test suite"
     # -n 2: both cores; tests that need a device count set it in a subprocess or via conftest.
     python -m pytest -q -n 2 --durations=15 "$@" ;;

@@ -81,3 +81,13 @@ def test_learns_to_reconstruct_game_frames(tiny):
   recon = vae.vae_decode(params, cfg, vae.vae_encode(params, cfg, frames))
   final = float(vae.psnr(recon, frames))
   assert first < 11 and final > 13, (first, final)
+
+
+def test_subject_weights_mark_a_square_around_each_real_player():
+  positions = jnp.array([[[[10.5, 20.5], [3.0, 3.0]]]])  # [B=1, T=1, P=2, (y, x)]
+  mask = jnp.array([[True, False]])  # the second slot is padding
+  w = np.asarray(vae.subject_weights(positions, mask, (16, 32), 2.0, 8.0))[0, 0, :, :, 0]
+  assert w.shape == (16, 32)
+  heavy = np.argwhere(w == 9.0)
+  assert heavy[:, 0].min() == 8 and heavy[:, 0].max() == 12 and heavy[:, 1].min() == 18 and heavy[:, 1].max() == 22
+  assert len(heavy) == 25 and np.all(w[w != 9.0] == 1.0)  # the padded slot adds nothing

@@ -139,7 +139,10 @@ def _splash_attention(q, k, v, mask: Mask, block: int = 128):
   static[l:, :s] = False
   seg_q = jnp.pad(mask.segment_q, ((0, 0), (0, lp - l)), constant_values=2)
   seg_k = jnp.pad(mask.segment_k, ((0, 0), (0, sp - s)), constant_values=2)
-  interpret = jax.devices()[0].platform != "tpu"
+  ctx = sharding.active()
+  # The mesh's devices say where this compiles (ahead-of-time for a TPU topology from a CPU host, too).
+  platform = ctx[0].devices.flat[0].platform if ctx is not None else jax.devices()[0].platform
+  interpret = platform != "tpu"
 
   def per_device(q, k, v, seg_q, seg_k):
     local_heads = q.shape[2]
@@ -153,7 +156,6 @@ def _splash_attention(q, k, v, mask: Mask, block: int = 128):
         qh, kh, vh, seg_q, seg_k)
     return out.transpose(0, 2, 1, 3)[:, :l]
 
-  ctx = sharding.active()
   if ctx is None:
     return per_device(q, k, v, seg_q, seg_k)
   # Under a mesh the kernel runs per shard: batch and heads may be split, the sequence must be whole.

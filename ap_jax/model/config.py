@@ -36,6 +36,11 @@ def _vae(channels: int, channel_mult: tuple[int, ...], latent_channels: int, num
       # Pixels that differ from the frame's background colour weigh 1 + foreground_weight (sprites are a few
       # percent of a frame; unweighted, the VAE blurs them away first).
       foreground_weight=8.0,
+      # What counts as foreground: "colour" (differs from the frame's median colour: sprites on a plain floor) or
+      # "subjects" (within subject_radius_px of a real player's position, from the episode's positions: sprites
+      # on a textured map, as in Melting Pot, where most of the map differs from the black border's median).
+      foreground="colour",
+      subject_radius_px=4.0,
       # Per-element KL weight. Small, as in SD / Wan VAEs: we want a well-behaved latent scale, not a prior.
       kl_weight=1e-5,
       # Latents handed to the denoiser are (mean - latent_shift) * latent_scale; set after stage 1 from latent

@@ -209,8 +209,24 @@ def foreground_weights(frames_BTHWC: jax.Array, foreground_weight: float) -> jax
   return 1.0 + foreground_weight * foreground.astype(jnp.float32)
 
 
-def vae_loss(params: Params, config: ml_collections.ConfigDict, frames_BTHWC: jax.Array, rng: jax.Array):
-  """(loss, metrics) for a batch of frames in [-1, 1]; see the module docstring for the terms."""
+def subject_weights(positions_BTP2: jax.Array, player_mask_BP: jax.Array, frame_hw: tuple[int, int],
+                    radius_px: float, foreground_weight: float) -> jax.Array:
+  """Per-pixel loss weights [B, T, H, W, 1]: 1 + foreground_weight on pixels whose centre lies within `radius_px`
+  (per axis: a square) of a real player's position (pixel coordinates, y then x), else 1."""
+  h, w = frame_hw
+  ys = jnp.arange(h, dtype=jnp.float32) + 0.5
+  xs = jnp.arange(w, dtype=jnp.float32) + 0.5
+  pos = positions_BTP2.astype(jnp.float32)
+  near_y = jnp.abs(ys[None, None, None, :] - pos[..., 0:1]) <= radius_px  # [B, T, P, H]
+  near_x = jnp.abs(xs[None, None, None, :] - pos[..., 1:2]) <= radius_px  # [B, T, P, W]
+  near = near_y[..., :, None] & near_x[..., None, :] & player_mask_BP[:, None, :, None, None].astype(bool)
+  return 1.0 + foreground_weight * jnp.any(near, axis=2)[..., None].astype(jnp.float32)
+
+
+def vae_loss(params: Params, config: ml_collections.ConfigDict, frames_BTHWC: jax.Array, rng: jax.Array,
+             weights: jax.Array | None = None):
+  """(loss, metrics) for a batch of frames in [-1, 1]; see the module docstring for the terms. `weights`
+  [B, T, H, W, 1]: per-pixel loss weights (`subject_weights`), instead of the colour test of `foreground_weights`."""
   v = config.vae
   mean, logvar = encode_moments(params, config, frames_BTHWC)
   z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
@@ -218,7 +234,7 @@ def vae_loss(params: Params, config: ml_collections.ConfigDict, frames_BTHWC: ja
   recon = _decoder(params["decoder"], v, z.reshape(b * t, h, w, c)).reshape(frames_BTHWC.shape)
   target = frames_BTHWC.astype(jnp.float32)
   err = recon - target
-  weight = foreground_weights(target, v.get("foreground_weight", 0.0))
+  weight = foreground_weights(target, v.get("foreground_weight", 0.0)) if weights is None else weights
   l1 = jnp.mean(weight * jnp.abs(err)) / jnp.mean(weight)
   mse = jnp.mean(weight * jnp.square(err)) / jnp.mean(weight)
   kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)

@@ -59,7 +59,10 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
   # flow time at which generated frames become context (0 = clean; training draws it from
   # [0, flow.context_noise_max], so a level inside that range is in distribution and washes out small errors).
   c.sampling = ml_collections.ConfigDict(dict(snap_px=0.0, context_noise=0.0))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
+  # Mesh axis sizes within a slice (one may be -1: the rest), and across slices over the data-center network
+  # (dcn_*: multi-slice TPU training; all 1 on one slice or one host).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1,
+                                          dcn_data=1, dcn_fsdp=1, dcn_context=1, dcn_tensor=1))
   c.logical_axis_rules = DEFAULT_RULES
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=3e-4,

@@ -43,11 +43,35 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
   return tuple(sizes)
 
 
+def dcn_shape(mesh_config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Per-axis sizes across slices (`mesh.dcn_<axis>`, maxtext's dcn_*_parallelism): the mesh axis `a` spans
+  `dcn_a` slices over the data-center network times `a` chips within each slice (ICI). All 1: one slice."""
+  sizes = tuple(int(mesh_config.get(f"dcn_{axis}", 1)) for axis in MESH_AXES)
+  if any(s < 1 for s in sizes):
+    raise MeshError(f"mesh dcn sizes {dict(zip(MESH_AXES, sizes))}: expected positive integers")
+  return sizes
+
+
 def build_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh over `devices` (default: all). With `mesh.dcn_*` sizes above 1, a multi-slice mesh: the devices'
+  `slice_index` groups them into slices, `mesh.<axis>` sizes apply within a slice and `mesh.dcn_<axis>` across
+  slices (each axis's size is their product), so collectives over ICI stay inside a slice."""
   devices = list(devices) if devices is not None else jax.devices()
-  shape = mesh_shape(mesh_config, len(devices))
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  dcn = dcn_shape(mesh_config)
+  slices = math.prod(dcn)
+  if slices == 1:
+    shape = mesh_shape(mesh_config, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  found = sorted({getattr(d, "slice_index", 0) for d in devices})
+  if len(found) != slices:
+    raise MeshError(f"mesh dcn sizes {dict(zip(MESH_AXES, dcn))} ask for {slices} slices, but the "
+                    f"{len(devices)} devices come from {len(found)} slice(s)")
+  from jax.experimental import mesh_utils
+
+  ici = mesh_shape(mesh_config, len(devices) // slices)
+  array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+  return Mesh(array, MESH_AXES, axis_types=axis_types)
 
 
 def rules_from_config(config: ml_collections.ConfigDict) -> tuple:

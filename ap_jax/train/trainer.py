@@ -110,19 +110,31 @@ def build_stage(config: ml_collections.ConfigDict, *, frozen: Any = None, meta: 
   model_config = ml_collections.ConfigDict(config.model.to_dict())
   if config.stage == "autoencoder":
     crop = int(config.get("autoencoder_crop", 0))
+    foreground = model_config.vae.get("foreground", "colour")
+    if foreground not in ("colour", "subjects"):
+      raise config_utils.ConfigError(f"model.vae.foreground = {foreground!r}, expected 'colour' or 'subjects'")
 
     def ae_loss(params, batch, rng, frozen):
       del frozen
-      frames = batch["frames"]
+      frames, weights = batch["frames"], None
+      if foreground == "subjects":
+        weights = vae_lib.subject_weights(batch["positions"], batch["player_mask"], frames.shape[2:4],
+                                          float(model_config.vae.subject_radius_px),
+                                          float(model_config.vae.foreground_weight))
       if crop:
         rng, crop_rng = jax.random.split(rng)
-        frames = random_crops(frames, crop, crop_rng)
-      return vae_lib.vae_loss(params, model_config, frames, rng)
+        if weights is None:
+          frames = random_crops(frames, crop, crop_rng)
+        else:  # the same crop of the frames and their weights
+          both = random_crops(jnp.concatenate([frames, weights], axis=-1), crop, crop_rng)
+          frames, weights = both[..., :-1], both[..., -1:]
+      return vae_lib.vae_loss(params, model_config, frames, rng, weights)
 
     return Stage(
         name="autoencoder", model_config=model_config,
         init=lambda rng: vae_lib.vae_init(rng, model_config),
-        logical_axes=vae_lib.vae_logical_axes(model_config), loss=ae_loss, batch_keys=("frames",))
+        logical_axes=vae_lib.vae_logical_axes(model_config), loss=ae_loss,
+        batch_keys=("frames",) + (("positions", "player_mask") if foreground == "subjects" else ()))
   if config.stage == "denoiser":
     if frozen is None or meta is None:
       raise TrainError("the denoiser stage needs a trained autoencoder: set --config.autoencoder_workdir")
@@ -442,8 +454,9 @@ def analyse(compiled) -> dict:
     if isinstance(cost, (list, tuple)):
       cost = cost[0] if cost else {}
     out["flops_per_device"] = float(cost.get("flops", 0.0)) if cost else None
+    out["bytes_accessed_per_device"] = float(cost.get("bytes accessed", 0.0)) if cost else None
   except Exception:  # some backends do not implement it
-    out["flops_per_device"] = None
+    out["flops_per_device"] = out["bytes_accessed_per_device"] = None
   try:
     mem = compiled.memory_analysis()
     out["memory_bytes_per_device"] = dict(
@@ -955,8 +968,11 @@ def load_trained(workdir: str, mesh=None, rules=None, *, use_ema: bool = True) -
     if meta.get("stage") != "denoiser":
       raise TrainError(f"{workdir} holds a {meta.get('stage')!r} checkpoint; sampling needs a denoiser workdir")
     config = ml_collections.ConfigDict(meta["config"])
-    if mesh is None:
-      config.mesh.data, config.mesh.fsdp, config.mesh.context, config.mesh.tensor = 1, 1, 1, 1
+    if mesh is None:  # one device (and one slice)
+      for axis in mesh_lib.MESH_AXES:
+        config.mesh[axis] = 1
+        if f"dcn_{axis}" in config.mesh:
+          config.mesh[f"dcn_{axis}"] = 1
       mesh = mesh_lib.build_mesh(config.mesh, devices=jax.devices()[:1])
     rules = rules or mesh_lib.rules_from_config(config)
     vae_params, _ = load_autoencoder(config, mesh, rules)
