@@ -368,6 +368,9 @@ def add_eval(sub):
                  help="dataset directory (`ap-jax data`) whose --split to score, instead of the training config's "
                       "(e.g. Melting Pot substrates held out of training; frames of the model's size); needed with "
                       "--oracle")
+  p.add_argument("--autoencoder", default=None,
+                 help="with --oracle: score a trained autoencoder's reconstructions of the true frames (its workdir): "
+                      "the ceiling of any denoiser that renders through it")
   p.add_argument("--heldout", action="store_true",
                  help="score the Melting Pot substrates the config holds out of training (data.heldout_substrates; "
                       "their dataset is generated into the cache on first use) instead of the training ones")
@@ -396,12 +399,16 @@ def cmd_eval(args) -> int:
       raise ValueError("--oracle scores a dataset's true frames: give the dataset with --data DIR")
     if args.players is not None:
       raise ValueError("--oracle reads --data's episodes; --players (fresh built-in episodes) does not apply")
+    reconstruct = evaluate.autoencoder_reconstructor(args.autoencoder) if args.autoencoder else None
     cases = evaluate.dataset_dir_cases(args.data, args.split, range(args.episodes), args.steps)
-    results = evaluate.oracle(cases)
+    results = evaluate.oracle(cases, reconstruct)
     results["data"] = os.path.abspath(args.data)
+    results["autoencoder"] = os.path.abspath(args.autoencoder) if args.autoencoder else None
   else:
     if not args.workdir:
       raise ValueError("eval needs --workdir (a trained denoiser), or --oracle --data DIR to score true frames")
+    if args.autoencoder:
+      raise ValueError("--autoencoder goes with --oracle (a denoiser workdir names its own autoencoder)")
     trained, kwargs = _load_for_sampling(args)
     chosen = [flag for flag, on in (("--players", args.players is not None), ("--data", bool(args.data)),
                                     ("--heldout", args.heldout)) if on]

@@ -352,14 +352,49 @@ def score_cases(cases: Sequence[Case], frames: Sequence[np.ndarray], positions: 
   return scores, det
 
 
-def oracle(cases: Sequence[Case]) -> dict[str, Any]:
+def autoencoder_reconstructor(workdir: str):
+  """frames uint8 [N, H, W, 3] -> the trained autoencoder's reconstructions (decode(encode(x)), EMA weights) of
+  the autoencoder workdir `workdir`, uint8."""
+  import jax
+  import ml_collections
+
+  from ap_jax.model import vae as vae_lib
+  from ap_jax.train import checkpoint as checkpoint_lib
+  from ap_jax.train import mesh as mesh_lib
+  from ap_jax.train import trainer
+
+  with checkpoint_lib.Checkpointer(workdir, read_only=True) as ckpt:
+    found = ckpt.latest_meta()
+  if found is None or found[1].get("stage") != "autoencoder":
+    raise EvalError(f"--autoencoder {workdir}: expected the workdir of a trained autoencoder (`ap-jax train` with "
+                    "an autoencoder config)")
+  config = ml_collections.ConfigDict(found[1]["config"])
+  config.autoencoder_workdir = workdir
+  mesh = mesh_lib.build_mesh(ml_collections.ConfigDict({a: 1 for a in mesh_lib.MESH_AXES}), jax.devices()[:1])
+  params, _ = trainer.load_autoencoder(config, mesh, mesh_lib.rules_from_config(config))
+  model = config.model
+  code = jax.jit(lambda x: vae_lib.vae_decode(params, model, vae_lib.vae_encode(params, model, x)))
+
+  def reconstruct(frames_NHWC: np.ndarray) -> np.ndarray:
+    out = [sample_lib.to_uint8(np.asarray(code(sample_lib.to_model_range(frames_NHWC[i:i + 64][None]))[0]))
+           for i in range(0, len(frames_NHWC), 64)]
+    return np.concatenate(out)
+
+  return reconstruct
+
+
+def oracle(cases: Sequence[Case], reconstruct=None) -> dict[str, Any]:
   """Scores each case's true frames as if they were a generated rollout: the ceiling of the metric pipeline
   (movement and subject scores of 1.0 wherever players can be told apart), with the detectors' accuracy. The
-  results dict has the keys `evaluate` writes (no model, no sampling)."""
+  results dict has the keys `evaluate` writes (no model, no sampling). `reconstruct` (`autoencoder_reconstructor`):
+  score the autoencoder's reconstructions of the true frames instead, the ceiling of a model that renders through
+  that autoencoder."""
   from ap_jax.eval import metrics
 
   start = time.perf_counter()
   frames = [np.asarray(c.truth["frames"]) for c in cases]
+  if reconstruct is not None:
+    frames = [reconstruct(f) for f in frames]
   positions = [np.asarray(c.truth["positions"], np.float32) for c in cases]
   scores, det = score_cases(cases, frames, positions)
   results = metrics.aggregate(scores, detector=det)

@@ -328,3 +328,19 @@ def test_too_many_steps_and_missing_split_are_clean_cli_errors(workdir, tmp_path
   assert cli.main(["eval", "--workdir", workdir, "--split", "nope", "--episodes", "1", "--out",
                    str(tmp_path / "r.json")]) == 2
   assert "split 'nope'" in capsys.readouterr().err
+
+
+def test_oracle_through_the_autoencoder_scores_its_reconstructions(workdir, tmp_path, capsys):
+  from ap_jax.train import trainer as trainer_lib
+
+  ae = os.path.join(os.path.dirname(workdir), "ae")
+  data = trainer_lib.resolve_dataset(trainer_lib.load_trained(workdir).config.data)
+  out = str(tmp_path / "oracle_ae.json")
+  assert cli.main(["eval", "--oracle", "--autoencoder", ae, "--data", data, "--split", "test", "--episodes", "2",
+                   "--steps", "2", "--out", out]) == 0
+  results = json.load(open(out))
+  assert results["autoencoder"] == os.path.abspath(ae) and results["oracle"] is True
+  assert results["psnr"] < 60  # two training steps: reconstructions, not the true frames (100 dB)
+  assert results["detector"]["player_accuracy"] == 1.0  # the detector's own accuracy is on the true frames
+  assert cli.main(["eval", "--oracle", "--autoencoder", workdir, "--data", data, "--out", out]) == 2
+  assert "expected the workdir of a trained autoencoder" in capsys.readouterr().err
