@@ -45,6 +45,11 @@ from ap_jax.train import trainer
 
 log = logging.getLogger("ap_jax.aot")
 
+# libtpu takes a lock file (/tmp/libtpu_lockfile) so that two processes cannot drive one TPU. Compiling for a
+# described topology drives none, and another JAX process on this host (a training run, a test worker) may hold the
+# lock, so compiles here do not take it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 GIB = 1024 ** 3
 
 
@@ -66,10 +71,12 @@ class Chip:
 _3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8",
        1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
 _2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-# Cloud TPU's published per-chip figures (cloud.google.com/tpu/docs: v5p, v5e, v6e system architecture).
+# Per chip: peak bfloat16 FLOP/s and HBM bandwidth as Cloud TPU publishes them (system architecture pages); HBM
+# as the TPU compiler states it available to a program ("exceeds available HBM (95.74G)" for v5p, 15.75G for v5e,
+# libtpu 0.0.42), v6e its nominal 32 GiB (not yet read from the compiler).
 CHIPS = {
-    "v5p": Chip("TPU v5", 95 * GIB, 459e12, 2765e9, 2, _3D),
-    "v5e": Chip("TPU v5 lite", 16 * GIB, 197e12, 819e9, 1, _2D),
+    "v5p": Chip("TPU v5", int(95.74 * GIB), 459e12, 2765e9, 2, _3D),
+    "v5e": Chip("TPU v5 lite", int(15.75 * GIB), 197e12, 819e9, 1, _2D),
     "v6e": Chip("TPU v6 lite", 32 * GIB, 918e12, 1640e9, 1, _2D),
 }
 

@@ -12,8 +12,8 @@ is), and so is the held-out substrates' dataset the first time `ap-jax eval --he
 by detectors learned per substrate (ap_jax/eval/learned_detector.py). The meltingpot extra must be installed.
 
 Arguments (comma-separated after the colon):
-- `tiny`: the built-in game's tiny recipe (configs/tiny.py) on the Melting Pot substrates whose maps fit a 64 x 64
-  canvas at 4 px per cell: the collaborative_cooking family. Trains on `crowded` (2-7 players) and `figure_eight`
+- `tiny`: the built-in game's tiny recipe (configs/tiny.py) on the Melting Pot substrates whose maps fit a
+  128 x 128 canvas at 8 px per cell: the collaborative_cooking family. Trains on `crowded` (2-7 players) and `figure_eight`
   (2-6), and holds out the five two-player kitchens (`asymmetric`, `circuit`, `cramped`, `forced`, `ring`): layouts
   never seen, same sprites. 2 CPU cores; README "Melting Pot" has its numbers.
 - default (no `tiny`): the small model on a 256 x 256 canvas (8 px cells for maps up to 32 x 32 cells), the
@@ -44,7 +44,12 @@ TINY_HELDOUT_SUBSTRATES = ("collaborative_cooking__asymmetric", "collaborative_c
 def _tiny(args):
   tiny_arg = ",".join(a for a in args if a in ("autoencoder", "runlocal"))
   c = config_utils.load_config(f"tiny:{tiny_arg}")
-  c.data.frame_hw = (64, 64)
+  # 8 px cells, as the built-in game's: the kitchens (at most 9 x 16 cells) fit a 128 x 128 canvas unscaled. At
+  # 64 x 64 (4 px cells) the tiny autoencoder loses the players (docs/research_log.md entry 21).
+  c.data.frame_hw = (128, 128)
+  c.model.dit.patch_size = 4  # 8 x 8 tokens per frame, as on the built-in game's 64 x 64 frames
+  c.model.vae.foreground = "subjects"  # the map is textured: weight the players' cells, not "not the median"
+  c.model.vae.subject_radius_px = 5.0  # a cell is 8 px: its centre +- 4, and a pixel of margin
   c.data.substrates = TINY_TRAIN_SUBSTRATES
   c.data.heldout_substrates = TINY_HELDOUT_SUBSTRATES
   c.data.heldout_players = (2, 2)  # the held-out kitchens take 1 or 2 players
