@@ -5,8 +5,9 @@ pods, on Melting Pot-sized frames (256x256, VAE 8x, 16 latent channels).
       --config.autoencoder_workdir=gs://BUCKET/runs/base/ae --config.data.source=dir --config.data.dir=DATA
 
 Hardware: a TPU v5p-64 slice (or larger): FSDP over all chips by default (mesh fsdp=-1), bfloat16 compute,
-float32 master weights, scanned blocks with `dots_with_no_batch_dims_saveable` remat. `ap-jax aot` (a later
-issue) checks the per-chip memory of this config ahead of time. Expected: not yet run at scale.
+float32 master weights, scanned blocks with `dots_with_no_batch_dims_saveable` remat. `ap-jax aot --config base
+--topology v5p-64` compiles its step for a slice from any machine (PODS.md: at the paper's 512x512 frames and batch
+256 it needs 94.8 GiB per chip on v5p-64 and does not fit v5p-8). Expected: not yet run at scale.
 """
 
 from ap_jax.train import config_utils

@@ -15,7 +15,9 @@ Arguments (comma-separated after the colon):
 - `tiny`: the built-in game's tiny recipe (configs/tiny.py) on the Melting Pot substrates whose maps fit a
   128 x 128 canvas at 8 px per cell: the collaborative_cooking family. Trains on `crowded` (2-7 players) and `figure_eight`
   (2-6), and holds out the five two-player kitchens (`asymmetric`, `circuit`, `cramped`, `forced`, `ring`): layouts
-  never seen, same sprites. 2 CPU cores; README "Melting Pot" has its numbers.
+  never seen, same sprites. 2 CPU cores (about 50 min for `ap-jax compare --config meltingpot:tiny` with two
+  variants). Expected: not yet useful at that budget (README "Melting Pot: trained on some substrates, scored on
+  unseen ones"; research log entries 21-22).
 - default (no `tiny`): the small model on a 256 x 256 canvas (8 px cells for maps up to 32 x 32 cells), the
   paper's setting of 2-7 players padded to 8 slots, on an accelerator or a TPU slice (data parallel).
 - `autoencoder` selects that stage; `runlocal` shrinks the run to a smoke test (a few steps and episodes).
