@@ -36,7 +36,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ap_jax.model import config as model_config_lib
 from ap_jax.model import dit as dit_lib
+from ap_jax.model import flops as flops_lib
 from ap_jax.model import sharding as sharding_lib
 from ap_jax.model import vae as vae_lib
 from ap_jax.train import mesh as mesh_lib
@@ -173,9 +175,6 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh) -> dict[str, Any
 def compile_sample_step(config: ml_collections.ConfigDict, mesh, batch: int) -> dict[str, Any]:
   """One denoiser evaluation over a generation window (context + clip_steps frames) at `batch`, with the
   parameters sharded as in training: the unit the sampler's ODE steps repeat."""
-  from ap_jax.model import config as model_config_lib
-  from ap_jax.model import flops as flops_lib
-
   if config.stage != "denoiser":
     raise AotError("the sampling step needs a denoiser config (stage 'denoiser')")
   rules = mesh_lib.rules_from_config(config)

@@ -206,7 +206,6 @@ def fresh_meltingpot_cases(config, players: tuple[int, int], episodes_per_count:
   [MIN, MAX] that at least one of them allows (counts none allows are skipped, and logged), `steps` actions long,
   from seeds `generation_seed + FRESH_SEED_OFFSET + ...`: a dataset per count, generated into the cache once."""
   from ap_jax.data import meltingpot
-  from ap_jax.data import tfds_builder
   from ap_jax.train import trainer
 
   if config.data.source != "meltingpot":
@@ -229,7 +228,6 @@ def fresh_meltingpot_cases(config, players: tuple[int, int], episodes_per_count:
       total += 1
     fresh = dataclasses.replace(spec, substrates=substrates, players=(n, n), steps=steps, episodes=total,
                                 seed=spec.seed + FRESH_SEED_OFFSET + 1000 * n)
-    assert isinstance(fresh, tfds_builder.GenerationSpec)
     path = trainer.cached_dataset(fresh)
     cases += [dataclasses.replace(c, name=f"fresh:{n}p:{c.seed}")
               for c in dataset_dir_cases(path, "train", range(episodes_per_count), steps)]
