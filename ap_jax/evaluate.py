@@ -223,7 +223,7 @@ def fresh_meltingpot_cases(config, players: tuple[int, int], episodes_per_count:
     if not substrates:
       log.info("no training substrate takes %d players (%s): skipped", n, ", ".join(spec.substrates))
       continue
-    total = episodes_per_count
+    total = max(episodes_per_count, 3)  # a dataset has at least one episode per split
     while dataclasses.replace(spec, episodes=total).split_sizes()["train"] < episodes_per_count:
       total += 1
     fresh = dataclasses.replace(spec, substrates=substrates, players=(n, n), steps=steps, episodes=total,
