@@ -2,7 +2,8 @@
 setting on several TPU slices, compiled on this host with libtpu. One JSON per row under --out, then a markdown
 table on stdout (and in --out/table.md).
 
-  python launch/aot_table.py --out docs/pods            # every row (tens of minutes on 2 cores)
+  python launch/aot_table.py --out docs/pods            # every row (15-20 min a row on 2 busy cores; rows with a
+                                                       # JSON already in --out are kept)
   python launch/aot_table.py --out /tmp/pods --rows base-v5p-64 --dry-run
 
 The paper's setting: 512 x 512 frames (the base VAE's 8x: 64 x 64 latents, patch 2: 1,024 tokens a frame),
