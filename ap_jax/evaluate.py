@@ -368,8 +368,7 @@ def autoencoder_reconstructor(workdir: str):
                     "an autoencoder config)")
   config = ml_collections.ConfigDict(found[1]["config"])
   config.autoencoder_workdir = workdir
-  mesh = mesh_lib.build_mesh(ml_collections.ConfigDict({a: 1 for a in mesh_lib.MESH_AXES}), jax.devices()[:1])
-  params, _ = trainer.load_autoencoder(config, mesh, mesh_lib.rules_from_config(config))
+  params, _ = trainer.load_autoencoder(config, mesh_lib.single_device_mesh(), mesh_lib.rules_from_config(config))
   model = config.model
   code = jax.jit(lambda x: vae_lib.vae_decode(params, model, vae_lib.vae_encode(params, model, x)))
 

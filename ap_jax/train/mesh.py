@@ -74,6 +74,11 @@ def build_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
   return Mesh(array, MESH_AXES, axis_types=axis_types)
 
 
+def single_device_mesh() -> Mesh:
+  """Every axis of size 1 on the first device (inference and tools that need no sharding)."""
+  return build_mesh(ml_collections.ConfigDict({axis: 1 for axis in MESH_AXES}), devices=jax.devices()[:1])
+
+
 def rules_from_config(config: ml_collections.ConfigDict) -> tuple:
   """The logical-axis rules table: `config.logical_axis_rules` as [(logical, mesh axis | [axes] | None)]."""
   rules = config.get("logical_axis_rules", None)

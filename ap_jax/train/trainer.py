@@ -973,7 +973,7 @@ def load_trained(workdir: str, mesh=None, rules=None, *, use_ema: bool = True) -
         config.mesh[axis] = 1
         if f"dcn_{axis}" in config.mesh:
           config.mesh[f"dcn_{axis}"] = 1
-      mesh = mesh_lib.build_mesh(config.mesh, devices=jax.devices()[:1])
+      mesh = mesh_lib.single_device_mesh()
     rules = rules or mesh_lib.rules_from_config(config)
     vae_params, _ = load_autoencoder(config, mesh, rules)
     stage = build_stage(config, frozen=vae_params, meta=meta)
