@@ -34,6 +34,7 @@ ROWS = {
     "base-v5p-8": ("base 1.3B", "v5p-8", 1, PAPER + FSDP),
     "base-v5p-64": ("base 1.3B", "v5p-64", 1, PAPER + FSDP),
     "base-v5p-256": ("base 1.3B", "v5p-256", 1, PAPER + FSDP),
+    "base-v6e-64": ("base 1.3B", "v6e-64", 1, PAPER + FSDP),
     "base-v6e-256": ("base 1.3B", "v6e-256", 1, PAPER + FSDP),
     "base-2x-v5p-64": ("base 1.3B", "v5p-64", 2, PAPER + FSDP + ["--config.mesh.dcn_data=2"]),
     "5b-v5p-256": ("Wan-5B shape", "v5p-256", 1, PAPER + FSDP + WAN_5B),

@@ -106,3 +106,21 @@ def test_multi_slice_meshes_need_devices_from_that_many_slices():
     mesh_lib.dcn_shape(ml_collections.ConfigDict(dict(sizes, dcn_tensor=0)))
   one = mesh_lib.build_mesh(ml_collections.ConfigDict(dict(sizes, dcn_data=1)), jax.devices()[:8])
   assert dict(one.shape) == dict(data=8, fsdp=1, context=1, tensor=1)
+
+
+def test_the_pod_table_dry_run_prints_each_rows_command(tmp_path, capsys):
+  import importlib.util
+  import os
+
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "aot_table.py")
+  spec = importlib.util.spec_from_file_location("aot_table", path)
+  table = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(table)
+  assert table.main(["--out", str(tmp_path), "--rows", "base-v5p-64,base-2x-v5p-64", "--dry-run"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 2 and all(line.startswith("ap-jax aot --config base --topology v5p-64") for line in lines)
+  assert "--num-slices 1" in lines[0] and "--num-slices 2" in lines[1] and "--config.mesh.dcn_data=2" in lines[1]
+  assert all("--config.data.grid=64,64" in line and "--config.mesh.fsdp=-1" in line for line in lines)
+  assert lines[0].endswith(f"--json {tmp_path}/base-v5p-64.json")
+  with pytest.raises(SystemExit):
+    table.main(["--out", str(tmp_path), "--rows", "no-such-row"])
