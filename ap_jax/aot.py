@@ -75,11 +75,11 @@ _3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x
 _2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 # Per chip: peak bfloat16 FLOP/s and HBM bandwidth as Cloud TPU publishes them (system architecture pages); HBM
 # as the TPU compiler states it available to a program ("exceeds available HBM (95.74G)" for v5p, 15.75G for v5e,
-# libtpu 0.0.42), v6e its nominal 32 GiB (not yet read from the compiler).
+# 31.25G for v6e; libtpu 0.0.42).
 CHIPS = {
     "v5p": Chip("TPU v5", int(95.74 * GIB), 459e12, 2765e9, 2, _3D),
     "v5e": Chip("TPU v5 lite", int(15.75 * GIB), 197e12, 819e9, 1, _2D),
-    "v6e": Chip("TPU v6 lite", 32 * GIB, 918e12, 1640e9, 1, _2D),
+    "v6e": Chip("TPU v6 lite", int(31.25 * GIB), 918e12, 1640e9, 1, _2D),
 }
 
 
