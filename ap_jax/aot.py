@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ap_jax.model import config as model_config_lib
 from ap_jax.model import dit as dit_lib
 from ap_jax.model import flops as flops_lib
 from ap_jax.model import sharding as sharding_lib
@@ -184,16 +183,11 @@ def compile_sample_step(config: ml_collections.ConfigDict, mesh, batch: int) -> 
   param_shardings = sharding_lib.tree_shardings(dit_lib.param_logical_axes(model_config), mesh, rules,
                                                 shapes=params_shape)
   h, w = trainer.frame_hw(config)
-  comp = model_config_lib.compression(model_config)
-  frames, players = int(config.data.clip_steps) + 1, int(model_config.max_players)
+  frames = int(config.data.clip_steps) + 1
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-  shapes = dict(latents=((batch, frames, h // comp, w // comp, int(model_config.vae.latent_channels)), jnp.float32),
-                positions=((batch, frames, players, 2), jnp.float32),
-                orientations=((batch, frames, players), jnp.int32),
-                actions=((batch, frames - 1, players), jnp.int32), player_mask=((batch, players), jnp.bool_))
-  abstract_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding) for k, (s, d) in shapes.items()}
-  if not model_config.dit.get("state_facing", False):
-    abstract_batch.pop("orientations")
+  keys = ("latents", "actions", "positions", "player_mask") + (
+      ("orientations",) if model_config.dit.get("state_facing", False) else ())
+  abstract_batch = trainer.batch_shapes(config, keys, mesh, rules, batch_size=batch)
 
   def evaluate(params, batch_, rng):
     inputs, _, _ = dit_lib.training_inputs(model_config, batch_, rng)

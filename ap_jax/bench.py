@@ -100,7 +100,7 @@ def step_benchmark(config_name: str, overrides: Sequence[str] = (), *, repeats: 
   compile_s = time.perf_counter() - start
   state = init_fn(jax.random.PRNGKey(0))
   frozen = jax.device_put(vae_params, frozen_shardings)
-  batch = _random_batch(trainer.batch_shapes(config, stage, mesh, rules), config, np.random.default_rng(0))
+  batch = _random_batch(trainer.batch_shapes(config, stage.batch_keys, mesh, rules), config, np.random.default_rng(0))
   holder = [state]
 
   def one_step():

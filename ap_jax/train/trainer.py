@@ -397,9 +397,12 @@ def frame_hw(config) -> tuple[int, int]:
   return int(data.grid[0]) * int(data.cell_size), int(data.grid[1]) * int(data.cell_size)
 
 
-def batch_shapes(config, stage: Stage, mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_shapes(config, keys, mesh, rules, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+  """Abstract global batch arrays `keys` (a stage's `batch_keys`) of the config's clips, batch-sharded; the
+  batch is `data.global_batch_size` unless `batch_size` is given."""
   data = config.data
-  b, t, p = int(data.global_batch_size), int(data.clip_steps), int(config.model.max_players)
+  b = int(batch_size or data.global_batch_size)
+  t, p = int(data.clip_steps), int(config.model.max_players)
   h, w = frame_hw(config)
   comp = model_config_lib.compression(config.model)
   latent = (b, t + 1, h // comp, w // comp, int(config.model.vae.latent_channels))
@@ -408,7 +411,7 @@ def batch_shapes(config, stage: Stage, mesh, rules) -> dict[str, jax.ShapeDtypeS
                 positions=((b, t + 1, p, 2), jnp.float32), orientations=((b, t + 1, p), jnp.int32),
                 player_mask=((b, p), jnp.bool_))
   sharding = mesh_lib.batch_sharding(mesh, rules)
-  return {k: jax.ShapeDtypeStruct(shapes[k][0], shapes[k][1], sharding=sharding) for k in stage.batch_keys}
+  return {k: jax.ShapeDtypeStruct(shapes[k][0], shapes[k][1], sharding=sharding) for k in keys}
 
 
 def build_step(config, stage: Stage, tx, schedule, mesh, rules, state_shardings, abstract_state):
@@ -432,7 +435,7 @@ def build_step(config, stage: Stage, tx, schedule, mesh, rules, state_shardings,
     new_state = dict(step=state["step"] + 1, params=params, opt_state=opt_state, ema=ema, rng=state["rng"])
     return new_state, metrics
 
-  shapes = batch_shapes(config, stage, mesh, rules)
+  shapes = batch_shapes(config, stage.batch_keys, mesh, rules)
   batch_shardings = {k: v.sharding for k, v in shapes.items()}
   jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
                    out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
