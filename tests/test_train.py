@@ -659,3 +659,33 @@ def test_meltingpot_config_trains_and_scores_its_held_out_substrates(tmp_path, m
   results = json.load(open(out))
   assert set(results["by_substrate"]) == {"collaborative_cooking__crowded"} and set(results["by_players"]) == {"8"}
   assert results["episodes"][0]["name"].startswith("fresh:8p:") and results["episodes"][0]["steps"] == 2
+
+
+def test_a_reader_lists_again_when_a_step_vanishes_mid_listing(tmp_path, monkeypatch):
+  # The race CI hit: Orbax lists the step folders, then reads each one's commit time; the training run's
+  # max_to_keep clean-up can delete a folder in between, and the read fails with FileNotFoundError (its metadata
+  # file is gone, so Orbax falls back to stat-ing the folder). The read fails here the same way.
+  import grain
+  from orbax.checkpoint._src.path import step as orbax_step
+
+  workdir = str(tmp_path / "w")
+  with checkpoint_lib.Checkpointer(workdir, async_save=False) as owner:
+    it = iter(grain.MapDataset.range(4).to_iter_dataset())
+    for step in (1, 2):
+      owner.save(step, {"w": np.arange(3.0)}, it, {"step": step})
+  real, vanished = orbax_step.Metadata.commit_timestamp, []
+
+  def vanishing(name, times):
+    def commit_timestamp(self):
+      if os.path.basename(str(self.path)) == name and len(vanished) < times:
+        vanished.append(name)
+        raise FileNotFoundError(2, "No such file or directory", str(self.path))
+      return real.fget(self)
+    return property(commit_timestamp)
+
+  monkeypatch.setattr(orbax_step.Metadata, "commit_timestamp", vanishing("1", 2))
+  reader = checkpoint_lib.Checkpointer(workdir, read_only=True)  # construction lists once: step 1 vanishes
+  assert reader.all_steps() == [1, 2] and vanished == ["1", "1"]  # and once more in all_steps's reload
+  monkeypatch.setattr(orbax_step.Metadata, "commit_timestamp", vanishing("2", 10 ** 6))
+  with pytest.raises(FileNotFoundError):  # a folder that stays missing is still an error
+    reader.all_steps()

@@ -128,6 +128,22 @@ def _agree(error: Exception | None, step: int) -> Exception | None:
 # ------------------------------------------------------------------------------------------- checkpointer
 
 
+def _retry_vanished(fn, directory: str, attempts: int = 8):
+  """Runs `fn` (Orbax's listing of a checkpoint directory) again when a step folder vanishes mid-listing.
+
+  Orbax lists the step folders, then reads each one's timestamp; a training run that keeps `max_to_keep` steps can
+  delete a folder in between, and the read fails with FileNotFoundError. Only read-only readers race like this (the
+  owner never deletes under its own listing), so only they retry; a folder that stays missing is a real error."""
+  for attempt in range(attempts):
+    try:
+      return fn()
+    except FileNotFoundError as e:
+      if attempt == attempts - 1:
+        raise
+      log.info("a checkpoint in %s was removed while being listed (%s); listing again", directory, e.filename)
+      time.sleep(0.02 * (attempt + 1))
+
+
 class Checkpointer:
   """A workdir's checkpoints. `read_only=True` for every process that does not train in the workdir."""
 
@@ -150,7 +166,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_period or None, enable_async_checkpointing=async_save and not read_only,
         create=not read_only, cleanup_tmp_directories=False, read_only=read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+    make = lambda: ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+    self.manager = _retry_vanished(make, self.directory) if read_only else make()
 
   def _remove_unfinished(self) -> None:
     """Removes saves that a killed run left unfinished (Orbax's `*.orbax-checkpoint-tmp*` folders): only the
@@ -173,7 +190,7 @@ class Checkpointer:
     if self.manager is None:
       return []
     if self.read_only:
-      self.manager.reload()  # a training process may have added or removed steps since
+      _retry_vanished(self.manager.reload, self.directory)  # the training run may have added or removed steps
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, data_iterator, meta: dict, *, force: bool = False) -> bool:
