@@ -10,6 +10,8 @@ returns (and with `--json`, writes) its rows; `BENCHMARKS.md` holds the latest t
   peer      the same transformer shape in diffusers' WanTransformer3DModel (PyTorch), side by side: the ratio
             `speedup_vs_peer`; needs the `bench` extra (torch, diffusers)
   scaling   step time, memory and FLOPs against frames, resolution and players, with the fitted growth
+  profile   where the training step's time goes: XLA op times from a JAX profiler trace, per op, per kind of op
+            and per named scope of the model (not in `all`: it measures no speed of its own)
   sampling  autoregressive rollouts of a model with random weights (the cost does not depend on the weights):
             generated frames/s and latency per generated step against players, denoising steps, batch and the
             KV cache, with the compile time of the first rollout
@@ -80,9 +82,11 @@ def _random_batch(shapes: dict, config, rng: np.random.Generator) -> dict[str, j
   return out
 
 
-def step_benchmark(config_name: str, overrides: Sequence[str] = (), *, repeats: int = 5, inner: int = 5) -> dict:
-  """One row: the denoiser training step of `config_name` (with `overrides`) on this process's devices."""
-  from ap_jax.model import layers as layers_lib, vae as vae_lib
+def _training_step(config_name: str, overrides: Sequence[str] = ()):
+  """The denoiser training step of `config_name` (with `overrides`) on this process's devices, compiled, with a
+  random batch and random autoencoder weights (the cost does not depend on the weights). Returns (config, stage,
+  mesh, abstract state, compiled step, its analysis, compile seconds, a function that runs one step and waits)."""
+  from ap_jax.model import vae as vae_lib
   from ap_jax.train import mesh as mesh_lib, optim as optim_lib, trainer
 
   config = _config(config_name, overrides)
@@ -107,6 +111,15 @@ def step_benchmark(config_name: str, overrides: Sequence[str] = (), *, repeats: 
     holder[0], metrics = step_fn(holder[0], batch, frozen)
     jax.block_until_ready(metrics["loss"])
 
+  return config, stage, mesh, abstract, step_fn, analysis, compile_s, one_step
+
+
+def step_benchmark(config_name: str, overrides: Sequence[str] = (), *, repeats: int = 5, inner: int = 5) -> dict:
+  """One row: the denoiser training step of `config_name` (with `overrides`) on this process's devices."""
+  from ap_jax.model import layers as layers_lib
+  from ap_jax.train import trainer
+
+  config, stage, mesh, abstract, _, analysis, compile_s, one_step = _training_step(config_name, overrides)
   one_step()  # warm-up
   seconds = median_seconds(one_step, repeats=repeats, inner=inner)
   b = int(config.data.global_batch_size)
@@ -125,6 +138,95 @@ def step_benchmark(config_name: str, overrides: Sequence[str] = (), *, repeats: 
               mfu=(flops / mesh.devices.size / seconds / peak) if peak else None, compile_s=compile_s,
               compiled_memory_bytes=memory,
               peak_memory_bytes=(stats or {}).get("peak_bytes_in_use"))
+
+
+# The model's named scopes (jax.named_scope in ap_jax/model/dit.py), most specific first: an XLA op is charged to
+# the first one its source path names. Backward ops carry their forward op's scope.
+PROFILE_SCOPES = ("self_attn", "cross_attn", "mlp", "modulation", "embed", "head", "optimizer", "ema")
+
+
+def _op_index(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """Compiled HLO text -> {instruction name: (kind, source path)}: kind is the fusion's or op's name without its
+  number (`ynn_fusion`, `copy_bitcast_fusion`, `dot`, ...), the path is its op_name metadata."""
+  import re
+
+  index = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = [^\n]*", hlo_text, re.M):
+    line = m.group(0)
+    op = re.search(r'op_name="([^"]*)"', line)
+    index[m.group(1)] = (re.sub(r"\.\d+$", "", m.group(1)), op.group(1) if op else "")
+  return index
+
+
+def _scope_of(path: str) -> str:
+  parts = path.replace("(", "/").replace(")", "/").split("/")
+  for scope in PROFILE_SCOPES:
+    if scope in parts:
+      return scope
+  return "other"
+
+
+def profile_benchmark(config_name: str, overrides: Sequence[str] = (), *, steps: int = 5,
+                      trace_dir: str | None = None, top: int = 20) -> dict:
+  """Where the training step's time goes: `steps` steps under the JAX profiler, each XLA op's time (from the
+  trace) matched to the compiled HLO, summed per op, per kind of op (fusion type and the source op it came from,
+  forward or backward) and per named scope of the model. The trace stays in `trace_dir` (TensorBoard / Perfetto)
+  when one is given. Op times are what the runtime records per op; on a CPU they overlap when the runtime runs two
+  ops at once, so their sum can exceed the step's wall time."""
+  import collections
+  import glob
+  import gzip
+  import json
+
+  _, _, _, _, step_fn, _, _, one_step = _training_step(config_name, overrides)
+  for _ in range(2):
+    one_step()  # compiled and warm
+  index = _op_index(step_fn.as_text())
+  with tempfile.TemporaryDirectory() as tmp:
+    where = trace_dir or tmp
+    start = time.perf_counter()
+    with jax.profiler.trace(where, create_perfetto_trace=True):
+      for _ in range(steps):
+        one_step()
+    wall_s = (time.perf_counter() - start) / steps
+    traces = sorted(glob.glob(os.path.join(where, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+    if not traces:
+      raise RuntimeError(f"the profiler wrote no trace under {where}")
+    with gzip.open(traces[-1]) as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  per_op: collections.Counter = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("name") in index:
+      per_op[e["name"]] += float(e.get("dur", 0.0)) * 1e-6 / steps
+  by_kind: collections.Counter = collections.Counter()
+  by_scope: collections.Counter = collections.Counter()
+  count: collections.Counter = collections.Counter()
+  for name, seconds in per_op.items():
+    kind, path = index[name]
+    source = path.split("/")[-1] if path else "?"
+    key = f"{kind} | {source}{' (backward)' if 'transpose(' in path else ''}"
+    by_kind[key] += seconds
+    count[key] += 1
+    by_scope[_scope_of(path)] += seconds
+  total = sum(per_op.values())
+  rows = lambda counter, n: [dict(name=k, ms=1e3 * v, share=v / total if total else 0.0) for k, v in
+                             counter.most_common(n)]
+  return dict(config=config_name, overrides=list(overrides), steps=steps, step_wall_ms=1e3 * wall_s,
+              op_ms=1e3 * total, ops_per_step=len(per_op), trace_dir=trace_dir,
+              by_scope=rows(by_scope, None),
+              by_kind=[dict(r, ops=count[r["name"]]) for r in rows(by_kind, top)],
+              top_ops=[dict(r, kind=index[r["name"]][0], source=index[r["name"]][1]) for r in rows(per_op, top)])
+
+
+def profile_table(result: dict) -> str:
+  lines = [f"{result['config']} {' '.join(result['overrides'])}: step {result['step_wall_ms']:.1f} ms wall, "
+           f"{result['op_ms']:.1f} ms in {result['ops_per_step']} XLA ops", "", "| scope | ms | share |",
+           "|---|---|---|"]
+  lines += [f"| {r['name']} | {r['ms']:.1f} | {r['share']:.0%} |" for r in result["by_scope"]]
+  lines += ["", "| kind of op (fusion type, source op) | ops | ms | share |", "|---|---|---|---|"]
+  lines += [f"| {r['name']} | {r['ops']} | {r['ms']:.1f} | {r['share']:.0%} |" for r in result["by_kind"]]
+  return "\n".join(lines)
 
 
 def pipeline_clips_per_second(source, *, batch: int, clip_steps: int, workers: int, batches: int) -> float:

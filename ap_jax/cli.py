@@ -494,14 +494,18 @@ def add_bench(sub):
   p = sub.add_parser("bench", help="benchmarks: training step, input pipeline, sampling (tables + JSON)",
                      description="Measure on this machine what a training step, the input pipeline and sampling "
                      "cost (ap_jax/bench.py says what each reports). Prints tables; --json writes every row.")
-  p.add_argument("what", choices=("step", "data", "sampling", "peer", "attention", "scaling", "all"))
-  p.add_argument("--config", default="tiny", help="peer: the config whose shape both models take")
+  p.add_argument("what", choices=("step", "data", "sampling", "peer", "attention", "scaling", "profile", "all"))
+  p.add_argument("--config", default="tiny", help="peer, profile, scaling: the config measured (peer: the shape "
+                 "both models take)")
   p.add_argument("--configs", default="tiny,small", help="step: comma-separated config names or files")
   p.add_argument("--sampling-config", default="tiny", help="sampling: the config whose model is timed")
   p.add_argument("--batch", type=int, default=16, help="data: batch size (the step is timed at this batch too)")
   p.add_argument("--workers", default="0,1,2,4", help="data: Grain worker process counts")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--quick", action="store_true", help="fewer repeats and batches (a smoke run)")
+  p.add_argument("--trace-dir", default=None,
+                 help="profile: keep the JAX profiler trace here (open it in TensorBoard or Perfetto)")
+  p.add_argument("--top", type=int, default=20, help="profile: rows of the kinds-of-op table")
   p.add_argument("--json", default=None, help="write the results here")
   p.set_defaults(func=cmd_bench, accepts_config_overrides=True)
 
@@ -537,6 +541,11 @@ def cmd_bench(args) -> int:
     result["scaling"] = bench.scaling_benchmark(args.config, repeats=2 if args.quick else 3,
                                                 inner=1 if args.quick else 2)
     print("\nscaling (training step)\n" + bench.scaling_table(result["scaling"]))
+  if args.what == "profile":  # not in "all": it attributes time, it measures no speed of its own
+    result["profile"] = bench.profile_benchmark(args.config, args.overrides, steps=2 if args.quick else 5,
+                                                trace_dir=args.trace_dir, top=args.top)
+    print("\nwhere the training step's time goes (XLA op times from the profiler trace)\n"
+          + bench.profile_table(result["profile"]))
   if args.what == "attention":  # not in "all": it says something only on a GPU
     result["attention"] = bench.attention_benchmark()
     print("\nattention, XLA against cuDNN\n" + json.dumps(result["attention"], indent=1))

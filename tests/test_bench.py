@@ -31,6 +31,21 @@ def test_step_benchmark_reports_consistent_rates():
   assert "| tiny --config.data.global_batch_size=8" in bench.step_table([row])
 
 
+@pytest.mark.slow  # a compile of the training step and a profiler trace
+def test_profile_charges_every_op_to_a_scope_of_the_model(tmp_path):
+  result = bench.profile_benchmark("tiny", SMALL, steps=2, trace_dir=str(tmp_path / "trace"))
+  scopes = {r["name"]: r["ms"] for r in result["by_scope"]}
+  # Every op of the step is charged once: the scopes add up to the total, and the model's parts all show.
+  assert math.isclose(sum(scopes.values()), result["op_ms"], rel_tol=1e-6)
+  assert {"self_attn", "cross_attn", "mlp", "optimizer", "ema"} <= set(scopes), scopes
+  assert scopes["self_attn"] > 0 and scopes["mlp"] > 0
+  assert result["ops_per_step"] > 50 and result["step_wall_ms"] > 0
+  assert result["top_ops"][0]["ms"] >= result["top_ops"][-1]["ms"]
+  assert any(p.name.endswith(".trace.json.gz") for p in (tmp_path / "trace").rglob("*"))  # kept for TensorBoard
+  table = bench.profile_table(result)
+  assert "| self_attn |" in table and "| kind of op" in table
+
+
 def test_sampling_benchmark_compiles_once_per_setting():
   rows = bench.sampling_benchmark("tiny", grid=[dict(players=3, denoise_steps=2, batch=2, use_cache=True)], steps=6,
                                   repeats=1)

@@ -245,34 +245,39 @@ def _block(x_BFQC: jax.Array, p: Params, ctx: dict, cached_kv=None):
   dtype, eps, impl = ctx["dtype"], ctx["eps"], ctx["impl"]
   b, f, q_per_frame, c = x_BFQC.shape
   n = ctx["video_tokens"]
-  mod = ctx["mod_BF6C"] + p["modulation"].astype(jnp.float32)  # float32 modulation, as Wan
-  shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = [mod[:, :, i, None, :] for i in range(6)]
+  # Named scopes label the ops in profiles (`ap-jax bench profile`); they change nothing else.
+  with jax.named_scope("modulation"):
+    mod = ctx["mod_BF6C"] + p["modulation"].astype(jnp.float32)  # float32 modulation, as Wan
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = [mod[:, :, i, None, :] for i in range(6)]
 
-  h = layers.layer_norm(x_BFQC, eps=eps) * (1.0 + scale_msa) + shift_msa
-  h = h.reshape(b, f * q_per_frame, c)
-  y, kv = _attend(p["self_attn"], h, h, ctx["self_angles"], ctx["self_angles"], ctx["self_mask"], impl, dtype, eps,
-                 cached_kv)
-  x_BFQC = x_BFQC + (y.reshape(b, f, q_per_frame, c).astype(jnp.float32) * gate_msa).astype(x_BFQC.dtype)
+  with jax.named_scope("self_attn"):
+    h = layers.layer_norm(x_BFQC, eps=eps) * (1.0 + scale_msa) + shift_msa
+    h = h.reshape(b, f * q_per_frame, c)
+    y, kv = _attend(p["self_attn"], h, h, ctx["self_angles"], ctx["self_angles"], ctx["self_mask"], impl, dtype,
+                    eps, cached_kv)
+    x_BFQC = x_BFQC + (y.reshape(b, f, q_per_frame, c).astype(jnp.float32) * gate_msa).astype(x_BFQC.dtype)
 
   # Cross-attention: only the query tokens that read actions (subject tokens, or video tokens in the baseline).
-  h = layers.layer_norm(x_BFQC, p["norm_cross"]["scale"], p["norm_cross"]["bias"], eps=eps)
-  if ctx["cross_on_subjects"]:
-    h_q = h[:, :, n:].reshape(b, f * (q_per_frame - n), c)
-  else:
-    h_q = h[:, :, :n].reshape(b, f * n, c)
-  y, _ = _attend(p["cross_attn"], h_q, ctx["actions_BSC"], ctx["cross_angles_q"], ctx["cross_angles_k"],
-                 ctx["cross_mask"], impl, dtype, eps)
-  y = y.astype(x_BFQC.dtype)
-  if ctx["cross_on_subjects"]:
-    x_BFQC = jnp.concatenate([x_BFQC[:, :, :n], x_BFQC[:, :, n:] + y.reshape(b, f, q_per_frame - n, c)], axis=2)
-  else:
-    x_BFQC = jnp.concatenate([x_BFQC[:, :, :n] + y.reshape(b, f, n, c), x_BFQC[:, :, n:]], axis=2)
+  with jax.named_scope("cross_attn"):
+    h = layers.layer_norm(x_BFQC, p["norm_cross"]["scale"], p["norm_cross"]["bias"], eps=eps)
+    if ctx["cross_on_subjects"]:
+      h_q = h[:, :, n:].reshape(b, f * (q_per_frame - n), c)
+    else:
+      h_q = h[:, :, :n].reshape(b, f * n, c)
+    y, _ = _attend(p["cross_attn"], h_q, ctx["actions_BSC"], ctx["cross_angles_q"], ctx["cross_angles_k"],
+                   ctx["cross_mask"], impl, dtype, eps)
+    y = y.astype(x_BFQC.dtype)
+    if ctx["cross_on_subjects"]:
+      x_BFQC = jnp.concatenate([x_BFQC[:, :, :n], x_BFQC[:, :, n:] + y.reshape(b, f, q_per_frame - n, c)], axis=2)
+    else:
+      x_BFQC = jnp.concatenate([x_BFQC[:, :, :n] + y.reshape(b, f, n, c), x_BFQC[:, :, n:]], axis=2)
 
-  h = layers.layer_norm(x_BFQC, eps=eps) * (1.0 + scale_mlp) + shift_mlp
-  h = layers.dense(p["mlp"]["fc1"], h, dtype)
-  h = constrain(jax.nn.gelu(h, approximate=True), ("batch", "frames", "length", "mlp"))
-  h = layers.dense(p["mlp"]["fc2"], h, dtype)
-  x_BFQC = x_BFQC + (h.astype(jnp.float32) * gate_mlp).astype(x_BFQC.dtype)
+  with jax.named_scope("mlp"):
+    h = layers.layer_norm(x_BFQC, eps=eps) * (1.0 + scale_mlp) + shift_mlp
+    h = layers.dense(p["mlp"]["fc1"], h, dtype)
+    h = constrain(jax.nn.gelu(h, approximate=True), ("batch", "frames", "length", "mlp"))
+    h = layers.dense(p["mlp"]["fc2"], h, dtype)
+    x_BFQC = x_BFQC + (h.astype(jnp.float32) * gate_mlp).astype(x_BFQC.dtype)
   return constrain(x_BFQC, ("batch", "frames", "length", "embed")), kv
 
 
@@ -358,9 +363,10 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
 
   # Video tokens: patchify [B, F, h, w, c] -> [B, F, N, ps ps c] -> [B, F, N, C].
   patchify = lambda x: x.reshape(b, f, gy, ps, gx, ps, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, f, n, -1)
-  video = layers.dense(params["patch_embed"], patchify(latents), dtype)
-  if d.previous_frame_input:
-    video = video + layers.dense(params["previous_embed"], patchify(inputs["previous_latents"]), dtype)
+  with jax.named_scope("embed"):
+    video = layers.dense(params["patch_embed"], patchify(latents), dtype)
+    if d.previous_frame_input:
+      video = video + layers.dense(params["previous_embed"], patchify(inputs["previous_latents"]), dtype)
   grid_y, grid_x = np.meshgrid(np.arange(gy), np.arange(gx), indexing="ij")
   yx = jnp.asarray(np.stack([grid_y, grid_x], -1).reshape(n, 2), jnp.float32)
   video_pos = jnp.concatenate([jnp.broadcast_to(frame_pos[:, None, None], (f, n, 1)),
@@ -451,18 +457,19 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
     new_kv = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if return_cache else None
 
   # Head (Wan2.1): LayerNorm, modulation by e, linear; then unpatchify.
-  head_mod = e[:, :, None, :] + params["head"]["modulation"].astype(jnp.float32)  # [B, F, 2, C]
-  shift, scale = head_mod[:, :, None, 0], head_mod[:, :, None, 1]
-  y = layers.layer_norm(x, eps=d.eps) * (1.0 + scale) + shift
-  video_out = layers.dense(params["head"]["out"], y[:, :, :n], jnp.float32)
-  video_out = video_out.reshape(b, f, gy, gx, ps, ps, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, f, h, w, c)
-  out = {"video": video_out}
-  if d.subject_tokens:
-    coord_v = layers.dense(params["coord_head"], y[:, :, n:], jnp.float32)
-    if config.flow.get("coord_target", "velocity") == "displacement":
-      # The clean state, as a displacement from the previous frame's state in units of the prior's spread.
-      coord_v = inputs["previous_coords"].astype(jnp.float32) + float(config.flow.coord_noise_std) * coord_v
-    out["coords"] = coord_v * player_mask[:, None, :, None]
+  with jax.named_scope("head"):
+    head_mod = e[:, :, None, :] + params["head"]["modulation"].astype(jnp.float32)  # [B, F, 2, C]
+    shift, scale = head_mod[:, :, None, 0], head_mod[:, :, None, 1]
+    y = layers.layer_norm(x, eps=d.eps) * (1.0 + scale) + shift
+    video_out = layers.dense(params["head"]["out"], y[:, :, :n], jnp.float32)
+    video_out = video_out.reshape(b, f, gy, gx, ps, ps, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, f, h, w, c)
+    out = {"video": video_out}
+    if d.subject_tokens:
+      coord_v = layers.dense(params["coord_head"], y[:, :, n:], jnp.float32)
+      if config.flow.get("coord_target", "velocity") == "displacement":
+        # The clean state, as a displacement from the previous frame's state in units of the prior's spread.
+        coord_v = inputs["previous_coords"].astype(jnp.float32) + float(config.flow.coord_noise_std) * coord_v
+      out["coords"] = coord_v * player_mask[:, None, :, None]
   if return_cache:
     k_new, v_new = new_kv
     if cache is not None:
