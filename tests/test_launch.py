@@ -1,0 +1,180 @@
+"""launch/: the pod and multi-process launchers. Their dry-runs print the exact commands; these tests read them back
+and check that the config, workdir, overrides and process settings arrive where they must."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch(script, *args, check=True):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args], capture_output=True,
+                        text=True, timeout=300, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  if check:
+    assert proc.returncode == 0, proc.stderr[-2000:]
+  return proc
+
+
+def lines(proc):
+  return [shlex.split(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def option(argv, name):
+  return argv[argv.index(name) + 1]
+
+
+# ------------------------------------------------------------------------------------------ multiprocess.py
+
+
+def test_multiprocess_dry_run_gives_each_process_its_id_and_one_coordinator():
+  cmd = ["ap-jax", "train", "--config", "tiny:runlocal", "--workdir", "runs/mp", "--config.total_steps=3"]
+  out = launch("multiprocess.py", "--processes", "3", "--devices-per-process", "2", "--port", "4321", "--dry-run",
+               "--", *cmd)
+  rows = out.stdout.splitlines()
+  assert len(rows) == 3
+  for i, row in enumerate(rows):
+    prefix, rest = row.split(" ", 1)
+    assert prefix == f"[p{i}]"
+    words = shlex.split(rest)
+    env = dict(w.split("=", 1) for w in words[:5])
+    assert env == {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                   "AP_JAX_COORDINATOR": "127.0.0.1:4321", "AP_JAX_NUM_PROCESSES": "3",
+                   "AP_JAX_PROCESS_ID": str(i)}
+    assert words[5:] == cmd
+
+
+def test_multiprocess_runs_every_process_with_its_settings_and_passes_on_a_failure():
+  probe = ("import os, sys; print(os.environ['AP_JAX_PROCESS_ID'], os.environ['AP_JAX_NUM_PROCESSES'], "
+           "os.environ['XLA_FLAGS']); sys.exit(3 if os.environ['AP_JAX_PROCESS_ID'] == '1' else 0)")
+  out = launch("multiprocess.py", "--processes", "2", "--devices-per-process", "4", "--", sys.executable, "-c", probe,
+               check=False)
+  assert out.returncode == 3  # process 1's exit code
+  assert "[p0] 0 2 --xla_force_host_platform_device_count=4" in out.stdout
+  assert "[p1] 1 2 --xla_force_host_platform_device_count=4" in out.stdout
+  assert "process 1 exited with 3" in out.stderr
+
+
+def test_multiprocess_refuses_a_missing_command():
+  out = launch("multiprocess.py", "--processes", "2", check=False)
+  assert out.returncode == 2 and "no command" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------------ tpu_vm.py
+
+TPU = ["--name", "ap-run", "--zone", "us-east5-a", "--project", "proj"]
+
+
+def test_tpu_vm_create_directly_or_through_a_queued_resource():
+  (direct,) = lines(launch("tpu_vm.py", "create", *TPU, "--accelerator", "v6e-64", "--dry-run"))
+  assert direct[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "ap-run"]
+  assert option(direct, "--accelerator-type") == "v6e-64" and option(direct, "--version") == "v2-alpha-tpuv6e"
+  assert option(direct, "--zone") == "us-east5-a" and option(direct, "--project") == "proj"
+  assert "--spot" not in direct
+  (queued,) = lines(launch("tpu_vm.py", "create", *TPU, "--accelerator", "v5p-64", "--queued", "--spot",
+                           "--dry-run"))
+  assert queued[3:6] == ["queued-resources", "create", "ap-run"] and option(queued, "--node-id") == "ap-run"
+  assert option(queued, "--runtime-version") == "v2-alpha-tpuv5" and "--spot" in queued
+  (gone,) = lines(launch("tpu_vm.py", "delete", *TPU, "--queued", "--dry-run"))
+  assert gone[3:6] == ["queued-resources", "delete", "ap-run"] and "--force" in gone
+  bad = launch("tpu_vm.py", "create", *TPU, "--accelerator", "a100-8", "--dry-run", check=False)
+  assert bad.returncode != 0 and "a100-8" in bad.stderr
+
+
+def test_tpu_vm_install_copies_the_checkout_to_every_worker():
+  tar, scp, ssh = lines(launch("tpu_vm.py", "install", *TPU, "--dry-run"))
+  assert tar[0] == "tar" and option(tar, "-C") == ROOT and "--exclude=.venv" in tar
+  assert scp[3:5] == ["tpu-vm", "scp"] and "--worker=all" in scp and scp[5] == option(tar, "-czf")
+  assert ssh[3:6] == ["tpu-vm", "ssh", "ap-run"] and "--worker=all" in ssh
+  assert "pip install -q -e '.[tpu]'" in option(ssh, "--command")
+
+
+def test_tpu_vm_train_runs_the_same_command_on_all_hosts():
+  (ssh,) = lines(launch("tpu_vm.py", "train", *TPU, "--config", "base", "--workdir", "gs://bkt/runs/base",
+                        "--data-dir", "gs://bkt/data/builtin", "--dry-run", "--", "--config.total_steps=500",
+                        "--config.mesh.fsdp=-1"))
+  assert "--worker=all" in ssh and option(ssh, "--zone") == "us-east5-a"
+  remote = option(ssh, "--command")
+  started = re.search(r"nohup (.*) > (\S+) 2>&1", remote)
+  assert started and started.group(2) == "~/ap_jax_logs/train.log"
+  train = shlex.split(started.group(1))
+  assert train[:2] == ["ap-jax", "train"] and option(train, "--config") == "base"
+  assert option(train, "--workdir") == "gs://bkt/runs/base"
+  assert train[-4:] == ["--config.data.source=dir", "--config.data.dir=gs://bkt/data/builtin",
+                        "--config.total_steps=500", "--config.mesh.fsdp=-1"]
+  assert "--coordinator" not in train  # TPU VMs: JAX finds the hosts itself
+  (logs,) = lines(launch("tpu_vm.py", "logs", *TPU, "--dry-run"))
+  assert "--worker=0" in logs and "train.log" in option(logs, "--command")
+  (stop,) = lines(launch("tpu_vm.py", "stop", *TPU, "--dry-run"))
+  assert "--worker=all" in stop and "pkill -TERM" in option(stop, "--command")
+
+
+def test_tpu_vm_train_refuses_what_would_not_reach_every_host():
+  no_workdir = launch("tpu_vm.py", "train", *TPU, "--dry-run", check=False)
+  assert no_workdir.returncode == 2 and "--workdir" in no_workdir.stderr
+  stray = launch("tpu_vm.py", "train", *TPU, "--workdir", "gs://b/r", "--dry-run", "--", "--steps=5", check=False)
+  assert stray.returncode == 2 and "--steps=5" in stray.stderr
+
+
+# --------------------------------------------------------------------------------------------------- xpk.py
+
+GKE = ["--cluster", "ap", "--zone", "us-east5-a", "--project", "proj"]
+
+
+def test_xpk_train_spans_slices_over_dcn_and_carries_the_run():
+  (create,) = lines(launch("xpk.py", "cluster", *GKE, "--tpu-type", "v5e-16", "--num-slices", "2", "--dry-run"))
+  assert create[:3] == ["xpk", "cluster", "create"] and option(create, "--tpu-type") == "v5litepod-16"
+  assert option(create, "--num-slices") == "2" and option(create, "--cluster") == "ap"
+  (work,) = lines(launch("xpk.py", "train", *GKE, "--workload", "run1", "--tpu-type", "v5p-64", "--num-slices", "2",
+                         "--config", "base", "--workdir", "gs://bkt/runs/base", "--dry-run", "--",
+                         "--config.total_steps=9"))
+  assert work[:3] == ["xpk", "workload", "create"] and option(work, "--workload") == "run1"
+  assert option(work, "--num-slices") == "2" and option(work, "--script-dir") == ROOT
+  setup, train = option(work, "--command").split(" && ")
+  assert setup == "pip install -q -e '.[tpu]'"
+  train = shlex.split(train)
+  assert option(train, "--config") == "base" and option(train, "--workdir") == "gs://bkt/runs/base"
+  assert train[-2:] == ["--config.mesh.dcn_data=2", "--config.total_steps=9"]
+  # A dcn axis the user chose is kept as given; a ready image needs no install.
+  (own,) = lines(launch("xpk.py", "train", *GKE, "--workload", "run1", "--num-slices", "2", "--docker-image",
+                        "gcr.io/p/ap:1", "--workdir", "gs://b/r", "--dry-run", "--", "--config.mesh.dcn_fsdp=2"))
+  assert option(own, "--docker-image") == "gcr.io/p/ap:1" and "--script-dir" not in own
+  assert shlex.split(option(own, "--command"))[-1] == "--config.mesh.dcn_fsdp=2"
+  assert "dcn_data" not in option(own, "--command")
+  (gone,) = lines(launch("xpk.py", "delete", *GKE, "--workload", "run1", "--dry-run"))
+  assert gone[:3] == ["xpk", "workload", "delete"] and option(gone, "--workload") == "run1"
+
+
+@pytest.mark.parametrize("tpu_type,accelerator,topology,hosts,per_host", [
+    ("v5p-64", "tpu-v5p-slice", "2x4x4", 8, 4), ("v6e-64", "tpu-v6e-slice", "8x8", 16, 4),
+    ("v5e-8", "tpu-v5-lite-podslice", "2x4", 1, 8)])
+def test_jobset_manifest_asks_for_the_slice_and_runs_the_training(tpu_type, accelerator, topology, hosts, per_host):
+  out = launch("xpk.py", "jobset", "--workload", "run1", "--tpu-type", tpu_type, "--num-slices", "2", "--image",
+               "gcr.io/p/ap:1", "--config", "base", "--workdir", "gs://bkt/runs/base", "--", "--config.seed=3")
+  doc = yaml.safe_load(out.stdout)
+  assert doc["kind"] == "JobSet" and doc["metadata"]["name"] == "run1"
+  (job,) = doc["spec"]["replicatedJobs"]
+  assert job["replicas"] == 2
+  spec = job["template"]["spec"]
+  assert spec["parallelism"] == spec["completions"] == hosts
+  pod = spec["template"]["spec"]
+  assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": accelerator,
+                                 "cloud.google.com/gke-tpu-topology": topology}
+  (container,) = pod["containers"]
+  assert container["image"] == "gcr.io/p/ap:1" and container["resources"]["limits"]["google.com/tpu"] == per_host
+  assert container["command"][:2] == ["bash", "-c"]
+  train = shlex.split(container["command"][2])
+  assert train[:2] == ["ap-jax", "train"] and option(train, "--workdir") == "gs://bkt/runs/base"
+  assert train[-2:] == ["--config.mesh.dcn_data=2", "--config.seed=3"]
+
+
+def test_xpk_names_what_is_missing():
+  out = launch("xpk.py", "jobset", "--workload", "run1", "--workdir", "gs://b/r", check=False)
+  assert out.returncode == 2 and "--image" in out.stderr
+  out = launch("xpk.py", "train", *GKE, "--workdir", "gs://b/r", "--dry-run", check=False)
+  assert out.returncode == 2 and "--workload" in out.stderr
