@@ -4,8 +4,9 @@
 
   python launch/tpu_vm.py create  --name ap --zone us-east5-a --accelerator v5p-64 [--queued] [--spot]
   python launch/tpu_vm.py install --name ap --zone us-east5-a
-  python launch/tpu_vm.py train   --name ap --zone us-east5-a --config base --workdir gs://BUCKET/runs/base \\
-      [--data-dir gs://BUCKET/data/builtin] [-- --config.total_steps=100000 ...]
+  python launch/tpu_vm.py mount   --name ap --zone us-east5-a --bucket BUCKET     # at /mnt/gcs on every host
+  python launch/tpu_vm.py train   --name ap --zone us-east5-a --config base --workdir /mnt/gcs/runs/base \\
+      [--data-dir /mnt/gcs/data/builtin] [-- --config.total_steps=100000 ...]
   python launch/tpu_vm.py logs    --name ap --zone us-east5-a          # worker 0's log, followed
   python launch/tpu_vm.py stop    --name ap --zone us-east5-a          # SIGTERM: every host saves and exits
   python launch/tpu_vm.py delete  --name ap --zone us-east5-a [--queued]
@@ -16,8 +17,9 @@ goes to every gcloud call.
 
 Multi-host: the same command runs on every worker (`--worker=all`); JAX finds the other hosts from the TPU VM's
 metadata, so no coordinator flags are passed. Each host reads its own shard of the data (Grain, per process),
-process 0 writes logs and checkpoints; `--workdir` and `--data-dir` must be paths every host sees: a GCS bucket
-(gs://...) or a shared filesystem. TensorBoard reads `WORKDIR/tensorboard`.
+process 0 writes logs and checkpoints; `--workdir` and `--data-dir` must be paths every host sees: a bucket mounted
+on every host with Cloud Storage FUSE (`mount`; ap_jax reads and writes local paths, and refuses gs:// URLs
+naming this) or another shared filesystem. TensorBoard reads `WORKDIR/tensorboard`.
 
 Preemption (spot or queued capacity taken back): the TPU runtime sends SIGTERM; `ap-jax train` finishes its step,
 saves a checkpoint with the data iterator and exits. Re-create the slice, `install`, and run the same `train`
@@ -36,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REMOTE_DIR = "~/ap_jax"
 LOG = "~/ap_jax_logs/train.log"
+MOUNT = "/mnt/gcs"
 # TPU VM software versions per generation (Cloud TPU docs, "TPU software versions").
 RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite", "v5e": "v2-alpha-tpuv5-lite",
             "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
@@ -90,6 +93,16 @@ def plan(args, tarball: str) -> list[list[str]]:
              "-C", str(ROOT), "."],
             _gcloud(args, "tpu-vm", "scp", tarball, f"{args.name}:/tmp/ap_jax_src.tgz") + ["--worker=all"],
             _ssh(args, setup)]
+  if what == "mount":  # Cloud Storage FUSE from Google's apt repository, the bucket at MOUNT on every host
+    mount = ("command -v gcsfuse >/dev/null || { "
+             "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | "
+             "sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && "
+             "echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt "
+             "gcsfuse-$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && "
+             "sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; } && "
+             f"sudo mkdir -p {MOUNT} && sudo chown $USER {MOUNT} && "
+             f"(mountpoint -q {MOUNT} || gcsfuse --implicit-dirs {shlex.quote(args.bucket)} {MOUNT})")
+    return [_ssh(args, mount)]
   if what == "train":
     return [_ssh(args, background(train_command(args.config, args.workdir, args.data_dir, args.command)))]
   if what == "run":
@@ -112,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
   rest = argv[argv.index("--") + 1:] if "--" in argv else []
   own = argv[:argv.index("--")] if "--" in argv else argv
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("what", choices=("create", "install", "train", "run", "logs", "stop", "delete"))
+  parser.add_argument("what", choices=("create", "install", "mount", "train", "run", "logs", "stop", "delete"))
   parser.add_argument("--name", required=True, help="the TPU VM (and queued resource) name")
   parser.add_argument("--zone", required=True)
   parser.add_argument("--project", default=None)
@@ -120,15 +133,23 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--runtime", default=None, help="create: TPU software version (default: per generation)")
   parser.add_argument("--queued", action="store_true", help="create/delete: through a queued resource")
   parser.add_argument("--spot", action="store_true", help="create: spot capacity (preemptible)")
+  parser.add_argument("--bucket", default=None, help=f"mount: the GCS bucket to mount at {MOUNT} on every host")
   parser.add_argument("--config", default="base", help="train: config name or file")
-  parser.add_argument("--workdir", default=None, help="train: gs://... or a shared path every host sees")
-  parser.add_argument("--data-dir", default=None, help="train: a stored dataset (gs://...); default: the config's")
+  parser.add_argument("--workdir", default=None, help=f"train: a path every host sees ({MOUNT}/runs/NAME)")
+  parser.add_argument("--data-dir", default=None, help=f"train: a stored dataset ({MOUNT}/data/NAME); default: "
+                      "the config's")
   parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
   args = parser.parse_args(own)
   args.command = rest
+  if args.what == "mount" and not args.bucket:
+    parser.error("mount needs --bucket BUCKET")
   if args.what == "train":
     if not args.workdir:
-      parser.error("train needs --workdir (gs://BUCKET/runs/NAME: every host must see it)")
+      parser.error(f"train needs --workdir ({MOUNT}/runs/NAME after `mount`: every host must see it)")
+    urls = [p for p in (args.workdir, args.data_dir) if p and "://" in p]
+    if urls:
+      parser.error(f"train: {urls[0]} is a URL; ap_jax reads local paths: `mount` the bucket and pass "
+                   f"{MOUNT}/...")
     bad = [o for o in rest if not o.startswith("--config.")]
     if bad:
       parser.error(f"train: after `--` only --config.KEY=VALUE overrides, got {bad}")

@@ -4,16 +4,18 @@ for `kubectl apply`.
 
   python launch/xpk.py cluster --cluster ap --tpu-type v5p-64 --num-slices 2 --zone us-east5-a --project P
   python launch/xpk.py train   --cluster ap --workload base-run1 --tpu-type v5p-64 --num-slices 2 \\
-      --zone us-east5-a --project P --config base --workdir gs://BUCKET/runs/base [-- --config.KEY=VALUE ...]
+      --zone us-east5-a --project P --config base --workdir /mnt/gcs/runs/base [-- --config.KEY=VALUE ...]
   python launch/xpk.py delete  --cluster ap --workload base-run1 --zone us-east5-a --project P
   python launch/xpk.py jobset  --workload base-run1 --tpu-type v5p-64 --num-slices 2 --image IMAGE \\
-      --config base --workdir gs://BUCKET/runs/base > jobset.yaml && kubectl apply -f jobset.yaml
+      --bucket BUCKET --config base --workdir /mnt/gcs/runs/base > jobset.yaml && kubectl apply -f jobset.yaml
 
 `train` builds the workload's image from `--base-docker-image` (default python:3.12) with this checkout as the
 script directory and installs ap_jax in it, unless `--docker-image` names a ready image. With `--num-slices N > 1`
 the data-parallel mesh axis spans the slices over DCN (`--config.mesh.dcn_data=N`, unless the overrides set a
 `dcn_*` axis themselves). JAX finds the hosts and slices from the environment GKE's TPU webhook sets, so no
-coordinator flags are passed. `--workdir` (and `--data-dir`) must be buckets or volumes every pod sees.
+coordinator flags are passed. `--workdir` (and `--data-dir`) must be paths every pod sees: ap_jax reads and writes
+local paths, so a bucket is mounted (the JobSet's `--bucket` mounts it at /mnt/gcs with GKE's Cloud Storage FUSE
+CSI driver; with XPK, attach it as the cluster's storage) and gs:// URLs are refused.
 
 Every subcommand takes `--dry-run` (print the commands or the manifest, run nothing).
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # GKE node labels per TPU generation, and the name XPK takes for the slice type.
+MOUNT = "/mnt/gcs"
 GKE_ACCELERATOR = {"v5p": "tpu-v5p-slice", "v5e": "tpu-v5-lite-podslice", "v6e": "tpu-v6e-slice"}
 
 
@@ -65,9 +68,31 @@ def _common(args) -> list[str]:
   return ["--cluster", args.cluster, "--zone", args.zone] + (["--project", args.project] if args.project else [])
 
 
+def _bucket_parts(bucket: str | None) -> tuple[str, str, str]:
+  """(pod annotations, container volume mounts, pod volumes) for a bucket mounted by the GKE gcsfuse CSI driver."""
+  if not bucket:
+    return "", "", ""
+  annotations = ("\n          metadata:\n            annotations:\n"
+                 '              gke-gcsfuse/volumes: "true"')
+  mounts = f"""
+              volumeMounts:
+              - name: gcs
+                mountPath: {MOUNT}"""
+  volumes = f"""
+            volumes:
+            - name: gcs
+              csi:
+                driver: gcsfuse.csi.storage.gke.io
+                volumeAttributes:
+                  bucketName: {bucket}
+                  mountOptions: implicit-dirs"""
+  return annotations, mounts, volumes
+
+
 def jobset_manifest(args) -> str:
   layout = slice_layout(args.tpu_type)
   command = shlex.join(train_command(args))
+  annotations, mounts, volumes = _bucket_parts(args.bucket)
   return f"""\
 # ap_jax training: {args.num_slices} x {args.tpu_type} ({layout['topology']}, {layout['hosts']} hosts of \
 {layout['chips_per_host']} chips per slice). kubectl apply -f THIS_FILE
@@ -88,7 +113,7 @@ spec:
         parallelism: {layout['hosts']}
         completions: {layout['hosts']}
         backoffLimit: 0
-        template:
+        template:{annotations}
           spec:
             restartPolicy: Never
             hostNetwork: true
@@ -103,7 +128,7 @@ spec:
               command: ["bash", "-c", {json.dumps(command)}]
               resources:
                 limits:
-                  google.com/tpu: {layout['chips_per_host']}
+                  google.com/tpu: {layout['chips_per_host']}{mounts}{volumes}
 """
 
 
@@ -140,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--docker-image", default=None, help="train: a ready image with ap_jax installed")
   parser.add_argument("--base-docker-image", default="python:3.12", help="train: base to build the image from")
   parser.add_argument("--image", default=None, help="jobset: the container image (with ap_jax[tpu] installed)")
+  parser.add_argument("--bucket", default=None, help=f"jobset: a GCS bucket mounted at {MOUNT} in every pod")
   parser.add_argument("--max-restarts", type=int, default=3, help="jobset: restarts after failure or preemption")
   parser.add_argument("--config", default="base")
-  parser.add_argument("--workdir", default=None, help="gs://BUCKET/runs/NAME: every pod must see it")
-  parser.add_argument("--data-dir", default=None, help="a stored dataset (gs://...); default: the config's")
+  parser.add_argument("--workdir", default=None, help=f"{MOUNT}/runs/NAME: a path every pod sees")
+  parser.add_argument("--data-dir", default=None, help=f"a stored dataset ({MOUNT}/data/NAME); default: the config's")
   parser.add_argument("--dry-run", action="store_true")
   args = parser.parse_args(own)
   args.command = rest
@@ -157,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
   missing = [f"--{n.replace('_', '-')}" for n in need if not getattr(args, n)]
   if missing:
     parser.error(f"{args.what} needs {' '.join(missing)}")
+  urls = [p for p in (args.workdir, args.data_dir) if p and "://" in p]
+  if urls:
+    parser.error(f"{urls[0]} is a URL; ap_jax reads local paths: mount the bucket (--bucket) and pass {MOUNT}/...")
   if args.what == "jobset":
     print(jobset_manifest(args), end="")
     return 0

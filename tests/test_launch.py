@@ -95,8 +95,8 @@ def test_tpu_vm_install_copies_the_checkout_to_every_worker():
 
 
 def test_tpu_vm_train_runs_the_same_command_on_all_hosts():
-  (ssh,) = lines(launch("tpu_vm.py", "train", *TPU, "--config", "base", "--workdir", "gs://bkt/runs/base",
-                        "--data-dir", "gs://bkt/data/builtin", "--dry-run", "--", "--config.total_steps=500",
+  (ssh,) = lines(launch("tpu_vm.py", "train", *TPU, "--config", "base", "--workdir", "/mnt/gcs/runs/base",
+                        "--data-dir", "/mnt/gcs/data/builtin", "--dry-run", "--", "--config.total_steps=500",
                         "--config.mesh.fsdp=-1"))
   assert "--worker=all" in ssh and option(ssh, "--zone") == "us-east5-a"
   remote = option(ssh, "--command")
@@ -104,8 +104,8 @@ def test_tpu_vm_train_runs_the_same_command_on_all_hosts():
   assert started and started.group(2) == "~/ap_jax_logs/train.log"
   train = shlex.split(started.group(1))
   assert train[:2] == ["ap-jax", "train"] and option(train, "--config") == "base"
-  assert option(train, "--workdir") == "gs://bkt/runs/base"
-  assert train[-4:] == ["--config.data.source=dir", "--config.data.dir=gs://bkt/data/builtin",
+  assert option(train, "--workdir") == "/mnt/gcs/runs/base"
+  assert train[-4:] == ["--config.data.source=dir", "--config.data.dir=/mnt/gcs/data/builtin",
                         "--config.total_steps=500", "--config.mesh.fsdp=-1"]
   assert "--coordinator" not in train  # TPU VMs: JAX finds the hosts itself
   (logs,) = lines(launch("tpu_vm.py", "logs", *TPU, "--dry-run"))
@@ -114,10 +114,22 @@ def test_tpu_vm_train_runs_the_same_command_on_all_hosts():
   assert "--worker=all" in stop and "pkill -TERM" in option(stop, "--command")
 
 
+def test_tpu_vm_mount_puts_the_bucket_at_the_same_path_on_every_host():
+  (ssh,) = lines(launch("tpu_vm.py", "mount", *TPU, "--bucket", "my-bkt", "--dry-run"))
+  assert "--worker=all" in ssh
+  remote = option(ssh, "--command")
+  assert remote.endswith("(mountpoint -q /mnt/gcs || gcsfuse --implicit-dirs my-bkt /mnt/gcs)")
+  assert "apt-get install -y -q gcsfuse" in remote
+  missing = launch("tpu_vm.py", "mount", *TPU, "--dry-run", check=False)
+  assert missing.returncode == 2 and "--bucket" in missing.stderr
+
+
 def test_tpu_vm_train_refuses_what_would_not_reach_every_host():
+  url = launch("tpu_vm.py", "train", *TPU, "--workdir", "gs://b/r", "--dry-run", check=False)
+  assert url.returncode == 2 and "gs://b/r is a URL" in url.stderr
   no_workdir = launch("tpu_vm.py", "train", *TPU, "--dry-run", check=False)
   assert no_workdir.returncode == 2 and "--workdir" in no_workdir.stderr
-  stray = launch("tpu_vm.py", "train", *TPU, "--workdir", "gs://b/r", "--dry-run", "--", "--steps=5", check=False)
+  stray = launch("tpu_vm.py", "train", *TPU, "--workdir", "/mnt/gcs/r", "--dry-run", "--", "--steps=5", check=False)
   assert stray.returncode == 2 and "--steps=5" in stray.stderr
 
 
@@ -131,18 +143,18 @@ def test_xpk_train_spans_slices_over_dcn_and_carries_the_run():
   assert create[:3] == ["xpk", "cluster", "create"] and option(create, "--tpu-type") == "v5litepod-16"
   assert option(create, "--num-slices") == "2" and option(create, "--cluster") == "ap"
   (work,) = lines(launch("xpk.py", "train", *GKE, "--workload", "run1", "--tpu-type", "v5p-64", "--num-slices", "2",
-                         "--config", "base", "--workdir", "gs://bkt/runs/base", "--dry-run", "--",
+                         "--config", "base", "--workdir", "/mnt/gcs/runs/base", "--dry-run", "--",
                          "--config.total_steps=9"))
   assert work[:3] == ["xpk", "workload", "create"] and option(work, "--workload") == "run1"
   assert option(work, "--num-slices") == "2" and option(work, "--script-dir") == ROOT
   setup, train = option(work, "--command").split(" && ")
   assert setup == "pip install -q -e '.[tpu]'"
   train = shlex.split(train)
-  assert option(train, "--config") == "base" and option(train, "--workdir") == "gs://bkt/runs/base"
+  assert option(train, "--config") == "base" and option(train, "--workdir") == "/mnt/gcs/runs/base"
   assert train[-2:] == ["--config.mesh.dcn_data=2", "--config.total_steps=9"]
   # A dcn axis the user chose is kept as given; a ready image needs no install.
   (own,) = lines(launch("xpk.py", "train", *GKE, "--workload", "run1", "--num-slices", "2", "--docker-image",
-                        "gcr.io/p/ap:1", "--workdir", "gs://b/r", "--dry-run", "--", "--config.mesh.dcn_fsdp=2"))
+                        "gcr.io/p/ap:1", "--workdir", "/mnt/gcs/r", "--dry-run", "--", "--config.mesh.dcn_fsdp=2"))
   assert option(own, "--docker-image") == "gcr.io/p/ap:1" and "--script-dir" not in own
   assert shlex.split(option(own, "--command"))[-1] == "--config.mesh.dcn_fsdp=2"
   assert "dcn_data" not in option(own, "--command")
@@ -155,7 +167,7 @@ def test_xpk_train_spans_slices_over_dcn_and_carries_the_run():
     ("v5e-8", "tpu-v5-lite-podslice", "2x4", 1, 8)])
 def test_jobset_manifest_asks_for_the_slice_and_runs_the_training(tpu_type, accelerator, topology, hosts, per_host):
   out = launch("xpk.py", "jobset", "--workload", "run1", "--tpu-type", tpu_type, "--num-slices", "2", "--image",
-               "gcr.io/p/ap:1", "--config", "base", "--workdir", "gs://bkt/runs/base", "--", "--config.seed=3")
+               "gcr.io/p/ap:1", "--config", "base", "--workdir", "/mnt/gcs/runs/base", "--", "--config.seed=3")
   doc = yaml.safe_load(out.stdout)
   assert doc["kind"] == "JobSet" and doc["metadata"]["name"] == "run1"
   (job,) = doc["spec"]["replicatedJobs"]
@@ -169,12 +181,27 @@ def test_jobset_manifest_asks_for_the_slice_and_runs_the_training(tpu_type, acce
   assert container["image"] == "gcr.io/p/ap:1" and container["resources"]["limits"]["google.com/tpu"] == per_host
   assert container["command"][:2] == ["bash", "-c"]
   train = shlex.split(container["command"][2])
-  assert train[:2] == ["ap-jax", "train"] and option(train, "--workdir") == "gs://bkt/runs/base"
+  assert train[:2] == ["ap-jax", "train"] and option(train, "--workdir") == "/mnt/gcs/runs/base"
   assert train[-2:] == ["--config.mesh.dcn_data=2", "--config.seed=3"]
+  assert "volumes" not in pod  # no bucket asked for
 
 
-def test_xpk_names_what_is_missing():
-  out = launch("xpk.py", "jobset", "--workload", "run1", "--workdir", "gs://b/r", check=False)
+def test_jobset_mounts_the_bucket_where_the_workdir_is():
+  out = launch("xpk.py", "jobset", "--workload", "run1", "--image", "img", "--bucket", "my-bkt", "--workdir",
+               "/mnt/gcs/runs/base")
+  template = yaml.safe_load(out.stdout)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+  assert template["metadata"]["annotations"] == {"gke-gcsfuse/volumes": "true"}
+  (volume,) = template["spec"]["volumes"]
+  assert volume["csi"]["driver"] == "gcsfuse.csi.storage.gke.io"
+  assert volume["csi"]["volumeAttributes"]["bucketName"] == "my-bkt"
+  (container,) = template["spec"]["containers"]
+  assert container["volumeMounts"] == [{"name": volume["name"], "mountPath": "/mnt/gcs"}]
+
+
+def test_xpk_names_what_is_missing_and_refuses_urls():
+  out = launch("xpk.py", "jobset", "--workload", "run1", "--image", "img", "--workdir", "gs://b/r", check=False)
+  assert out.returncode == 2 and "gs://b/r is a URL" in out.stderr
+  out = launch("xpk.py", "jobset", "--workload", "run1", "--workdir", "/mnt/gcs/r", check=False)
   assert out.returncode == 2 and "--image" in out.stderr
-  out = launch("xpk.py", "train", *GKE, "--workdir", "gs://b/r", "--dry-run", check=False)
+  out = launch("xpk.py", "train", *GKE, "--workdir", "/mnt/gcs/r", "--dry-run", check=False)
   assert out.returncode == 2 and "--workload" in out.stderr

@@ -689,3 +689,13 @@ def test_a_reader_lists_again_when_a_step_vanishes_mid_listing(tmp_path, monkeyp
   monkeypatch.setattr(orbax_step.Metadata, "commit_timestamp", vanishing("2", 10 ** 6))
   with pytest.raises(FileNotFoundError):  # a folder that stays missing is still an error
     reader.all_steps()
+
+
+def test_object_store_urls_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # a URL taken as a local path would leave a folder named `gs:` here
+  with pytest.raises(trainer.TrainError, match=r"workdir gs://bkt/runs/x: .*mount the bucket"):
+    trainer.train(make_config(), "gs://bkt/runs/x", progress=False)
+  data = make_config(overrides=["--config.data.source=dir", "--config.data.dir=gs://bkt/data"])
+  with pytest.raises(trainer.TrainError, match=r"data.dir gs://bkt/data: "):
+    trainer.train(data, str(tmp_path / "w"), progress=False)
+  assert sorted(os.listdir(tmp_path)) == []

@@ -670,9 +670,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = Fals
     return _train(config, workdir, fresh=fresh, progress=progress, stop=stop, resources=resources)
 
 
+def require_local_path(path: str | None, what: str) -> None:
+  """Workdirs and datasets are read and written with local file operations (os, Orbax on a local path). A URL
+  would become a local folder named `gs:`; it is refused with the way to use a bucket (a FUSE mount)."""
+  if path and "://" in str(path):
+    raise TrainError(f"{what} {path}: object-store URLs are not read directly yet; mount the bucket (Cloud Storage "
+                     "FUSE: `gcsfuse --implicit-dirs BUCKET /mnt/gcs` on a TPU VM, `launch/tpu_vm.py mount`, or the "
+                     "GKE gcsfuse CSI driver, `launch/xpk.py jobset --bucket`) and pass the mounted path, "
+                     "e.g. /mnt/gcs/runs/NAME")
+
+
 def _train(config, workdir, *, fresh, progress, stop, resources) -> dict:
   if config.stage not in STAGES:
     raise config_utils.ConfigError(f"stage = {config.stage!r}, expected one of {STAGES}")
+  require_local_path(workdir, "workdir")
+  require_local_path(config.get("autoencoder_workdir"), "autoencoder_workdir")
+  require_local_path(config.data.get("dir"), "data.dir")
   os.makedirs(workdir, exist_ok=True)
   if config.autoencoder_workdir:
     config.autoencoder_workdir = os.path.abspath(config.autoencoder_workdir)  # so sampling finds it from anywhere
