@@ -1,8 +1,8 @@
 """Base ActionParty: the denoiser shaped like Wan2.1-T2V-1.3B (30 blocks, width 1536, 12 heads, MLP 8960) for TPU
 pods, on Melting Pot-sized frames (256x256, VAE 8x, 16 latent channels).
 
-  ap-jax train --config configs/base.py --workdir gs://BUCKET/runs/base/dit \
-      --config.autoencoder_workdir=gs://BUCKET/runs/base/ae --config.data.source=dir --config.data.dir=DATA
+  ap-jax train --config configs/base.py --workdir /mnt/gcs/runs/base/dit \
+      --config.autoencoder_workdir=/mnt/gcs/runs/base/ae --config.data.source=dir --config.data.dir=DATA
 
 Hardware: a TPU v5p-64 slice (or larger): FSDP over all chips by default (mesh fsdp=-1), bfloat16 compute,
 float32 master weights, scanned blocks with `dots_with_no_batch_dims_saveable` remat. `ap-jax aot --config base
