@@ -220,8 +220,8 @@ def profile_benchmark(config_name: str, overrides: Sequence[str] = (), *, steps:
 
 
 def profile_table(result: dict) -> str:
-  lines = [f"{result['config']} {' '.join(result['overrides'])}: step {result['step_wall_ms']:.1f} ms wall under the profiler, "
-           f"{result['op_ms']:.1f} ms in {result['ops_per_step']} XLA ops", "", "| scope | ms | share |",
+  lines = [f"{result['config']} {' '.join(result['overrides'])}: step {result['step_wall_ms']:.1f} ms wall under the "
+           f"profiler, {result['op_ms']:.1f} ms in {result['ops_per_step']} XLA ops", "", "| scope | ms | share |",
            "|---|---|---|"]
   lines += [f"| {r['name']} | {r['ms']:.1f} | {r['share']:.0%} |" for r in result["by_scope"]]
   lines += ["", "| kind of op (fusion type, source op) | ops | ms | share |", "|---|---|---|---|"]
