@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from ap_jax import actions as A
@@ -289,15 +290,34 @@ def data_benchmark(*, batch: int = 16, clip_steps: int = 1, workers: Sequence[in
   return dict(pipeline=rows, step_s=step_s, game=game)
 
 
-def sampling_benchmark(config_name: str = "tiny", *, grid: Sequence[dict] | None = None, steps: int = 8,
-                       repeats: int = 3) -> list[dict]:
-  """Rows of generated frames/s and latency per generated step. `grid`: the settings to run (players,
-  denoise_steps, batch, use_cache); default a one-at-a-time sweep around (4 players, 10 steps, batch 1, cache)."""
-  from ap_jax import sample as sample_lib
-  from ap_jax.model import dit as dit_lib, vae as vae_lib
-  from ap_jax.train import trainer
+def parse_mesh(text: str | None) -> dict[str, int] | None:
+  """`data=4,tensor=2` -> mesh axis sizes (the others 1); empty or None: one device, no mesh."""
+  from ap_jax.train import mesh as mesh_lib
 
-  config = _config(config_name)
+  if not text:
+    return None
+  sizes = dict.fromkeys(mesh_lib.MESH_AXES, 1)
+  for item in text.split(","):
+    axis, _, value = item.partition("=")
+    if axis not in sizes or not value.isdigit() or int(value) < 1:
+      raise ValueError(f"mesh {text!r}: expected AXIS=SIZE[,AXIS=SIZE] with axes {', '.join(mesh_lib.MESH_AXES)} "
+                       "and sizes >= 1, e.g. data=4,tensor=2")
+    sizes[axis] = int(value)
+  return sizes
+
+
+def sampling_benchmark(config_name: str = "tiny", overrides: Sequence[str] = (), *, grid: Sequence[dict] | None = None,
+                       steps: int = 8, repeats: int = 3, meshes: Sequence[str | None] = (None,)) -> list[dict]:
+  """Rows of generated frames/s and latency per generated step. `grid`: the settings to run (players,
+  denoise_steps, batch, use_cache); default a one-at-a-time sweep around (4 players, 10 steps, batch 1, cache).
+  `meshes`: each grid setting runs on each mesh (`data=8`, `data=4,tensor=2`; None: one device): parameters laid
+  out by their logical axes as in training, rollouts split over the batch axes (the sampler pads a batch to a
+  multiple of its shards)."""
+  from ap_jax import sample as sample_lib
+  from ap_jax.model import dit as dit_lib, sharding as sharding_lib, vae as vae_lib
+  from ap_jax.train import mesh as mesh_lib, trainer
+
+  config = _config(config_name, overrides)
   config.stage = "denoiser"
   vae_params = jax.jit(lambda key: vae_lib.vae_init(key, config.model))(jax.random.PRNGKey(1))  # one compile
   stage = trainer.build_stage(config, frozen=vae_params, meta=dict(latent_shift=0.0, latent_scale=1.0))
@@ -309,27 +329,43 @@ def sampling_benchmark(config_name: str = "tiny", *, grid: Sequence[dict] | None
   h, w = trainer.frame_hw(config)
   rng = np.random.default_rng(0)
   rows = []
-  for setting in grid:
-    b, p = int(setting["batch"]), int(setting["players"])
-    sampler = sample_lib.Sampler(params, stage.model_config, vae_params, denoise_steps=int(setting["denoise_steps"]),
-                                 chunk=1, window=int(config.data.clip_steps) + 1,
-                                 use_cache=bool(setting["use_cache"]))
-    frames = rng.integers(0, 255, (b, h, w, 3)).astype(np.uint8)
-    positions = rng.uniform(0, 1, (b, p, 2)) * np.array([h, w])
-    actions = rng.integers(0, A.NUM_ACTIONS, (b, steps, p))
-    orientations = np.zeros((b, p), np.int32)
+  for mesh_text in meshes:
+    sizes = parse_mesh(mesh_text)
+    mesh = rules = None
+    mesh_params, mesh_vae = params, vae_params
+    if sizes is not None:
+      devices = int(np.prod(list(sizes.values())))
+      if devices > jax.device_count():
+        raise ValueError(f"mesh {mesh_text!r} needs {devices} devices; this process has {jax.device_count()}")
+      mesh = mesh_lib.build_mesh(ml_collections.ConfigDict(sizes), devices=jax.devices()[:devices])
+      rules = mesh_lib.rules_from_config(config)
+      shardings = sharding_lib.tree_shardings(dit_lib.param_logical_axes(stage.model_config), mesh, rules,
+                                              shapes=params)
+      mesh_params = jax.device_put(params, shardings)
+      mesh_vae = jax.device_put(vae_params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    for setting in grid:
+      b, p = int(setting["batch"]), int(setting["players"])
+      sampler = sample_lib.Sampler(mesh_params, stage.model_config, mesh_vae,
+                                   denoise_steps=int(setting["denoise_steps"]), chunk=1,
+                                   window=int(config.data.clip_steps) + 1, use_cache=bool(setting["use_cache"]),
+                                   mesh=mesh, rules=rules)
+      frames = rng.integers(0, 255, (b, h, w, 3)).astype(np.uint8)
+      positions = rng.uniform(0, 1, (b, p, 2)) * np.array([h, w])
+      actions = rng.integers(0, A.NUM_ACTIONS, (b, steps, p))
+      orientations = np.zeros((b, p), np.int32)
 
-    def run():
-      out = sampler.rollout(frames, positions, actions, initial_orientations=orientations)
-      np.asarray(out.frames)
+      def run():
+        out = sampler.rollout(frames, positions, actions, initial_orientations=orientations)
+        np.asarray(out.frames)
 
-    start = time.perf_counter()
-    run()  # compiles every jitted piece a rollout of this length uses
-    first_s = time.perf_counter() - start
-    seconds = median_seconds(run, repeats=repeats)
-    rows.append(dict(config=config_name, **setting, steps=steps, first_rollout_s=first_s, rollout_s=seconds,
-                     latency_per_step_s=seconds / steps, frames_per_s=b * steps / seconds,
-                     compiled_functions=len(sampler._jitted)))  # pylint: disable=protected-access
+      start = time.perf_counter()
+      run()  # compiles every jitted piece a rollout of this length uses
+      first_s = time.perf_counter() - start
+      seconds = median_seconds(run, repeats=repeats)
+      rows.append(dict(config=config_name, **setting, mesh=mesh_text or "1 device",
+                       devices=mesh.devices.size if mesh is not None else 1, steps=steps, first_rollout_s=first_s,
+                       rollout_s=seconds, latency_per_step_s=seconds / steps, frames_per_s=b * steps / seconds,
+                       compiled_functions=len(sampler._jitted)))  # pylint: disable=protected-access
   return rows
 
 
@@ -518,10 +554,11 @@ def data_table(result: dict) -> str:
 
 
 def sampling_table(rows: list[dict]) -> str:
-  lines = ["| config | players | denoise steps | batch | KV cache | first rollout s | ms / generated step | "
-           "frames/s | compiled fns |", "|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| config | mesh | players | denoise steps | batch | KV cache | first rollout s | ms / generated step | "
+           "frames/s | compiled fns |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    lines.append(f"| {r['config']} | {r['players']} | {r['denoise_steps']} | {r['batch']} | "
+    lines.append(f"| {r['config']} | {r.get('mesh', '1 device')} | {r['players']} | {r['denoise_steps']} | "
+                 f"{r['batch']} | "
                  f"{'on' if r['use_cache'] else 'off'} | {r['first_rollout_s']:.1f} | "
                  f"{1e3 * r['latency_per_step_s']:.1f} | {r['frames_per_s']:.1f} | {r['compiled_functions']} |")
   return "\n".join(lines)

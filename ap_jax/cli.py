@@ -499,6 +499,13 @@ def add_bench(sub):
                  "both models take)")
   p.add_argument("--configs", default="tiny,small", help="step: comma-separated config names or files")
   p.add_argument("--sampling-config", default="tiny", help="sampling: the config whose model is timed")
+  p.add_argument("--meshes", default=None,
+                 help="sampling: semicolon-separated meshes to run each setting on, e.g. 'data=8;data=4,tensor=2' "
+                      "(an empty item: one device); with --batches, the sharded inference sweep")
+  p.add_argument("--batches", default=None, help="sampling: comma-separated rollout batches (with --players, "
+                 "--denoise-steps) instead of the default one-at-a-time sweep")
+  p.add_argument("--players", type=int, default=7, help="sampling with --batches: players per rollout")
+  p.add_argument("--denoise-steps", type=int, default=10, help="sampling with --batches: ODE steps per frame")
   p.add_argument("--batch", type=int, default=16, help="data: batch size (the step is timed at this batch too)")
   p.add_argument("--workers", default="0,1,2,4", help="data: Grain worker process counts")
   p.add_argument("--repeats", type=int, default=5)
@@ -534,8 +541,14 @@ def cmd_bench(args) -> int:
     print("\ninput pipeline (clips/s; headroom: pipeline rate over the tiny step's consumption at this batch)\n"
           + bench.data_table(result["data"]))
   if args.what in ("sampling", "all"):
-    result["sampling"] = bench.sampling_benchmark(args.sampling_config, steps=4 if args.quick else 8,
-                                                  repeats=1 if args.quick else 3)
+    meshes = args.meshes.split(";") if args.meshes is not None else [None]
+    grid = None
+    if args.batches:
+      grid = [dict(players=args.players, denoise_steps=args.denoise_steps, batch=int(b), use_cache=True)
+              for b in args.batches.split(",")]
+    result["sampling"] = bench.sampling_benchmark(args.sampling_config, args.overrides, grid=grid,
+                                                  steps=4 if args.quick else 8, repeats=1 if args.quick else 3,
+                                                  meshes=meshes)
     print("\nsampling (random weights)\n" + bench.sampling_table(result["sampling"]))
   if args.what in ("scaling", "all"):
     result["scaling"] = bench.scaling_benchmark(args.config, repeats=2 if args.quick else 3,

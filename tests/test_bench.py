@@ -46,6 +46,21 @@ def test_profile_charges_every_op_to_a_scope_of_the_model(tmp_path):
   assert "| self_attn |" in table and "| kind of op" in table
 
 
+@pytest.mark.slow  # four sampler compiles over three meshes
+def test_sampling_benchmark_runs_sharded_over_the_given_meshes():
+  # The forced 8-device CPU mesh: one device, 8-way data parallel, and data x tensor, at a batch the sampler pads.
+  grid = [dict(players=2, denoise_steps=1, batch=6, use_cache=True)]
+  rows = bench.sampling_benchmark("tiny", ["--config.model.dit.depth=1"], grid=grid, steps=2, repeats=1,
+                                  meshes=[None, "data=8", "data=2,tensor=2"])
+  assert [(r["mesh"], r["devices"]) for r in rows] == [("1 device", 1), ("data=8", 8), ("data=2,tensor=2", 4)]
+  assert all(r["batch"] == 6 and r["frames_per_s"] > 0 and r["compiled_functions"] >= 1 for r in rows)
+  assert "| tiny | data=2,tensor=2 | 2 | 1 | 6 |" in bench.sampling_table(rows)
+  with pytest.raises(ValueError, match="mesh 'data=4,pipeline=2'"):
+    bench.parse_mesh("data=4,pipeline=2")
+  with pytest.raises(ValueError, match="needs 16 devices"):
+    bench.sampling_benchmark("tiny", grid=grid, meshes=["data=16"])
+
+
 def test_sampling_benchmark_compiles_once_per_setting():
   rows = bench.sampling_benchmark("tiny", grid=[dict(players=3, denoise_steps=2, batch=2, use_cache=True)], steps=6,
                                   repeats=1)
