@@ -279,10 +279,13 @@ def _compile_step(fn, chip: Chip) -> dict[str, Any]:
     return report
 
 
-def run_aot(config: ml_collections.ConfigDict, topology: Topology, *, sample: bool = True,
+def run_aot(config: ml_collections.ConfigDict, topology: Topology, *, sample: bool = True, train: bool = True,
             sample_batch: int | None = None, denoise_steps: int = 10, unroll_costs: bool = False) -> dict[str, Any]:
   """Compiles the training step (and, for a denoiser, the sampling step) for `topology`; returns the report.
+  `train=False` compiles the sampling step alone (an inference slice), whose figures then head the report.
   `unroll_costs`: count a scanned stack's cost from two small unrolled compiles (`unrolled_costs`)."""
+  if not train and not (sample and config.stage == "denoiser"):
+    raise AotError("nothing to compile: the training step is off, and only a denoiser has a sampling step")
   devices = topology_devices(topology)
   try:
     mesh = mesh_lib.build_mesh(config.mesh, devices)
@@ -296,19 +299,20 @@ def run_aot(config: ml_collections.ConfigDict, topology: Topology, *, sample: bo
                                 max_players=int(config.model.max_players), jax=jax.__version__)
   scanned = (unroll_costs and config.stage == "denoiser" and config.model.dit.scan_layers
              and int(config.model.dit.depth) > 2)
-  log.info("compiling the %s training step for %s, mesh %s", config.stage, topology.name, mesh_lib.describe(mesh))
-  train = _compile_step(lambda: compile_train_step(config, mesh), topology.chip)
-  if "error" in train:
-    report["train"] = train
-    sample = False
-  else:
-    train["cost_method"] = "XLA cost analysis of the compiled step"
-  if scanned and "error" not in train:
-    log.info("counting the scanned blocks' cost: the training step unrolled at depths 1 and 2")
-    train.update(unrolled_costs(config, lambda c: compile_train_step(c, mesh)))
-  if "error" not in train:
-    train.update(roofline(train, topology.chip, topology.chips))
-    report["train"] = {k: v for k, v in train.items() if k not in ("compiled", "stage")}
+  if train:
+    log.info("compiling the %s training step for %s, mesh %s", config.stage, topology.name, mesh_lib.describe(mesh))
+    step = _compile_step(lambda: compile_train_step(config, mesh), topology.chip)
+    if "error" in step:
+      report["train"] = step
+      sample = False
+    else:
+      step["cost_method"] = "XLA cost analysis of the compiled step"
+    if scanned and "error" not in step:
+      log.info("counting the scanned blocks' cost: the training step unrolled at depths 1 and 2")
+      step.update(unrolled_costs(config, lambda c: compile_train_step(c, mesh)))
+    if "error" not in step:
+      step.update(roofline(step, topology.chip, topology.chips))
+      report["train"] = {k: v for k, v in step.items() if k not in ("compiled", "stage")}
   if sample and config.stage == "denoiser":
     batch = sample_batch or mesh_lib.batch_shards(mesh, mesh_lib.rules_from_config(config))
     log.info("compiling the sampling step (one denoiser evaluation, batch %d)", batch)
@@ -322,9 +326,10 @@ def run_aot(config: ml_collections.ConfigDict, topology: Topology, *, sample: bo
       samp["denoise_steps"] = denoise_steps
       samp["frames_per_s_bound"] = samp["generated_frames"] / (denoise_steps * samp["roofline_step_s"])
     report["sample"] = {k: v for k, v in samp.items() if k != "compiled"}
-  # The report's headline keys are the training step's.
+  # The report's headline keys are the training step's (the sampling step's when it was compiled alone).
+  head = report["train"] if train else report["sample"]
   for key in ("per_device_bytes", "hbm_bytes_per_device", "fits", "flops_per_step", "roofline_step_s", "mfu_bound"):
-    report[key] = report["train"][key]
+    report[key] = head.get(key)
   return report
 
 

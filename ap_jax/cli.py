@@ -460,6 +460,8 @@ def add_aot(sub):
                  help="rollouts per sampling evaluation (default: one per batch shard)")
   p.add_argument("--denoise-steps", type=int, default=10, help="ODE steps per generated frame, for frames/s")
   p.add_argument("--no-sample", action="store_true", help="compile the training step only")
+  p.add_argument("--no-train", action="store_true",
+                 help="compile the sampling step only (an inference slice; with --sample-batch)")
   p.add_argument("--unroll-costs", action="store_true",
                  help="count a scanned block stack's FLOPs and bytes from the step unrolled at depths 1 and 2 (XLA "
                       "counts a loop body once; two more compiles)")
@@ -473,7 +475,8 @@ def cmd_aot(args) -> int:
 
   config = config_utils.apply_overrides(config_utils.load_config(args.config), args.overrides)
   topology = aot.parse_topology(args.topology, args.num_slices)
-  report = aot.run_aot(config, topology, sample=not args.no_sample, sample_batch=args.sample_batch,
+  report = aot.run_aot(config, topology, sample=not args.no_sample, train=not args.no_train,
+                       sample_batch=args.sample_batch,
                        denoise_steps=args.denoise_steps, unroll_costs=args.unroll_costs)
   report["config"] = args.config
   report["overrides"] = list(args.overrides)

@@ -67,6 +67,14 @@ def test_tpu_compile_of_the_tiny_training_and_sampling_steps(libtpu, tmp_path, c
   assert "v5p-8 (2x2x1): 4 chips of TPU v5" in capsys.readouterr().out
 
 
+def test_tpu_compile_of_the_sampling_step_alone_for_an_inference_slice(libtpu, tmp_path):
+  code, report = _aot(tmp_path, "--config", "tiny:runlocal", "--topology", "v6e-8", "--no-train", "--sample-batch", "16")
+  assert code == 0 and "train" not in report and report["device_kind"] == "TPU v6 lite"
+  assert report["sample"]["batch"] == 16 and report["sample"]["frames_per_s_bound"] > 0
+  assert report["per_device_bytes"] == report["sample"]["per_device_bytes"] > 0 and report["fits"] is True
+  assert cli.main(["aot", "--config", "tiny:runlocal,autoencoder", "--topology", "v6e-8", "--no-train"]) == 2
+
+
 @pytest.mark.slow  # two TPU compiles of a few blocks: about a minute
 def test_tpu_compile_with_fsdp_across_two_slices_and_splash_attention(libtpu, tmp_path):
   # base:runlocal shards parameters over fsdp; two v5p-8 slices joined over DCN on the data axis.
