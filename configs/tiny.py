@@ -50,6 +50,7 @@ def get_config(arg=None):
     c.optim.learning_rate = 4e-3
     m = c.model
     m.dit.scan_layers = False  # 4 blocks unrolled: 9% faster per step on 2 CPU cores than the scanned stack
+    m.dit.ln_grad_barrier = True  # same gradients, 0.81x step time on 2 CPU cores (BENCHMARKS.md)
     m.dit.rope_theta = 16.0  # rotary periods for an 8x8 token grid (10000 leaves one pair shorter than the grid)
     m.dit.previous_frame_input = True  # deviation: the previous frame's latents and state as input
     m.dit.context_tokens = False  # deviation: ... instead of the context frame's tokens (half the sequence)

@@ -251,7 +251,7 @@ def _block(x_BFQC: jax.Array, p: Params, ctx: dict, cached_kv=None):
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = [mod[:, :, i, None, :] for i in range(6)]
 
   with jax.named_scope("self_attn"):
-    h = layers.layer_norm(x_BFQC, eps=eps) * (1.0 + scale_msa) + shift_msa
+    h = layers.layer_norm(x_BFQC, eps=eps, grad_barrier=ctx["ln_grad_barrier"]) * (1.0 + scale_msa) + shift_msa
     h = h.reshape(b, f * q_per_frame, c)
     y, kv = _attend(p["self_attn"], h, h, ctx["self_angles"], ctx["self_angles"], ctx["self_mask"], impl, dtype,
                     eps, cached_kv)
@@ -259,7 +259,8 @@ def _block(x_BFQC: jax.Array, p: Params, ctx: dict, cached_kv=None):
 
   # Cross-attention: only the query tokens that read actions (subject tokens, or video tokens in the baseline).
   with jax.named_scope("cross_attn"):
-    h = layers.layer_norm(x_BFQC, p["norm_cross"]["scale"], p["norm_cross"]["bias"], eps=eps)
+    h = layers.layer_norm(x_BFQC, p["norm_cross"]["scale"], p["norm_cross"]["bias"], eps=eps,
+                          grad_barrier=ctx["ln_grad_barrier"])
     if ctx["cross_on_subjects"]:
       h_q = h[:, :, n:].reshape(b, f * (q_per_frame - n), c)
     else:
@@ -273,7 +274,7 @@ def _block(x_BFQC: jax.Array, p: Params, ctx: dict, cached_kv=None):
       x_BFQC = jnp.concatenate([x_BFQC[:, :, :n] + y.reshape(b, f, n, c), x_BFQC[:, :, n:]], axis=2)
 
   with jax.named_scope("mlp"):
-    h = layers.layer_norm(x_BFQC, eps=eps) * (1.0 + scale_mlp) + shift_mlp
+    h = layers.layer_norm(x_BFQC, eps=eps, grad_barrier=ctx["ln_grad_barrier"]) * (1.0 + scale_mlp) + shift_mlp
     h = layers.dense(p["mlp"]["fc1"], h, dtype)
     h = constrain(jax.nn.gelu(h, approximate=True), ("batch", "frames", "length", "mlp"))
     h = layers.dense(p["mlp"]["fc2"], h, dtype)
@@ -434,6 +435,7 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
       (b, len(frames), 3))
   ctx = dict(
       dtype=dtype, eps=d.eps, impl=d.attention_impl, video_tokens=n, mod_BF6C=e0,
+      ln_grad_barrier=bool(d.get("ln_grad_barrier", False)),
       self_angles=self_angles, self_mask=self_mask,
       cross_on_subjects=d.subject_tokens, actions_BSC=action_tok.reshape(b, -1, width),
       cross_angles_q=rope_lib.rope_angles(time_pos(query_layout.frame), head_dim, d.rope_theta),
@@ -460,7 +462,7 @@ def apply(params: Params, config: ml_collections.ConfigDict, inputs: dict[str, j
   with jax.named_scope("head"):
     head_mod = e[:, :, None, :] + params["head"]["modulation"].astype(jnp.float32)  # [B, F, 2, C]
     shift, scale = head_mod[:, :, None, 0], head_mod[:, :, None, 1]
-    y = layers.layer_norm(x, eps=d.eps) * (1.0 + scale) + shift
+    y = layers.layer_norm(x, eps=d.eps, grad_barrier=bool(d.get("ln_grad_barrier", False))) * (1.0 + scale) + shift
     video_out = layers.dense(params["head"]["out"], y[:, :, :n], jnp.float32)
     video_out = video_out.reshape(b, f, gy, gx, ps, ps, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, f, h, w, c)
     out = {"video": video_out}

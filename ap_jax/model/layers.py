@@ -102,9 +102,32 @@ def dense(p: dict[str, jax.Array], x: jax.Array, dtype) -> jax.Array:
   return y
 
 
+@jax.custom_vjp
+def materialized_grad(x: jax.Array) -> jax.Array:
+  """The identity; in the backward pass its cotangent goes through `optimization_barrier`, so XLA computes it once
+  into a buffer instead of fusing (and recomputing) it into each consumer. Values and gradients are unchanged."""
+  return x
+
+
+def _materialized_grad_fwd(x):
+  return x, None
+
+
+def _materialized_grad_bwd(_, g):
+  return (jax.lax.optimization_barrier(g),)
+
+
+materialized_grad.defvjp(_materialized_grad_fwd, _materialized_grad_bwd)
+
+
 def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None,
-               eps: float = 1e-6) -> jax.Array:
-  """LayerNorm over the last axis, in float32 whatever the input dtype."""
+               eps: float = 1e-6, grad_barrier: bool = False) -> jax.Array:
+  """LayerNorm over the last axis, in float32 whatever the input dtype. `grad_barrier`: the gradient that leaves
+  through x is materialized (`materialized_grad`). On XLA's CPU backend this halved the tiny model's step with
+  subject tokens off: its weight gradients read that gradient transposed, and each transposing copy otherwise
+  re-derived the LayerNorm backward of every later block (BENCHMARKS.md)."""
+  if grad_barrier:
+    x = materialized_grad(x)
   x32 = x.astype(jnp.float32)
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)

@@ -130,7 +130,7 @@ def model_fingerprint(config: ml_collections.ConfigDict) -> str:
   cannot be resumed."""
   model = json.loads(config.model.to_json_best_effort(sort_keys=True))
   # Keys that change numerics but not shapes may differ between runs of one model.
-  for group, keys in (("dit", ("dtype", "attention_impl", "remat_policy", "scan_layers")),
+  for group, keys in (("dit", ("dtype", "attention_impl", "remat_policy", "scan_layers", "ln_grad_barrier")),
                       ("vae", ("dtype", "latent_scale", "latent_shift", "foreground", "subject_radius_px"))):
     for key in keys:
       model.get(group, {}).pop(key, None)
