@@ -164,7 +164,7 @@ def add_demo(sub):
                      "subject preservation. Resumable: run it again to continue. About 20 minutes on 2 CPU cores.")
   p.add_argument("--out", default="out/demo", help="output directory (data, workdirs, video, results.json)")
   p.add_argument("--episodes", type=int, default=2000, help="episodes in the built-in dataset")
-  p.add_argument("--ae-steps", type=int, default=800, help="autoencoder training steps")
+  p.add_argument("--ae-steps", type=int, default=1200, help="autoencoder training steps")
   p.add_argument("--dit-steps", type=int, default=2800, help="denoiser training steps")
   p.add_argument("--eval-episodes", type=int, default=24, help="held-out test episodes to evaluate")
   p.add_argument("--eval-steps", type=int, default=16, help="generated steps per evaluated episode")

@@ -90,7 +90,7 @@ def _sampler(trained, denoise_steps: int):
   return sample_lib.Sampler.from_trained(trained, denoise_steps=denoise_steps)
 
 
-def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 800, dit_steps: int = 2800,
+def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps: int = 2800,
              eval_episodes: int = 24, eval_steps: int = 16, denoise_steps: int = 10, seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
   """The main job on the built-in game; returns (and writes) `results.json`'s contents."""

@@ -8,8 +8,8 @@ Autoencoder, then denoiser (the denoiser reads the autoencoder's workdir):
 Hardware: 2 CPU cores (float32). First use generates the built-in dataset (2,000 episodes of 16 steps, 2-4
 players, 64x64 frames) into ~/.cache/ap_jax (about 10 s). The denoiser step costs about 0.2 s on 2 CPU cores
 (batch 16), so this config's 3,600 steps take about 12 min after the latents are encoded (2 min). `ap-jax demo`
-trains the autoencoder 800 and the denoiser 2,800 steps to fit 20 min (17.5 min measured; test movement accuracy
-0.738, subject preservation 0.812); 3,600 steps after 1,200 autoencoder steps scored 0.823 / 0.882 (22.9 min), and
+trains the autoencoder 1,200 and the denoiser 2,800 steps to fit 20 min (18.0 min measured; test movement accuracy
+0.755, subject preservation 0.807, SSIM 0.910); 3,600 steps after 1,200 autoencoder steps scored 0.823 / 0.882 (22.9 min), and
 batch 48 x 3,600 steps meets the targets (0.955 / 0.970). README "The main job and the comparison"; the recipe's
 deviations from the paper are measured in docs/research_log.md.
 
@@ -50,7 +50,7 @@ def get_config(arg=None):
     c.optim.learning_rate = 4e-3
     m = c.model
     m.dit.scan_layers = False  # 4 blocks unrolled: 9% faster per step on 2 CPU cores than the scanned stack
-    m.dit.ln_grad_barrier = True  # same gradients, 0.81x step time on 2 CPU cores (BENCHMARKS.md)
+    m.dit.ln_grad_barrier = True  # same gradients, 0.94x step time on 2 CPU cores (BENCHMARKS.md)
     m.dit.rope_theta = 16.0  # rotary periods for an 8x8 token grid (10000 leaves one pair shorter than the grid)
     m.dit.previous_frame_input = True  # deviation: the previous frame's latents and state as input
     m.dit.context_tokens = False  # deviation: ... instead of the context frame's tokens (half the sequence)

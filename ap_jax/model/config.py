@@ -89,7 +89,7 @@ def _dit(width: int, depth: int, heads: int, mlp: int, patch_size: int):
       scan_layers=True,
       remat_policy="none",  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
       # Materialize the gradient leaving each LayerNorm (layers.materialized_grad): same values, fewer recomputed
-      # fusions on XLA's CPU backend (0.49x step time at the peer's shape, 0.81x for the full tiny model;
+      # fusions on XLA's CPU backend (0.59x step time at the peer's shape, 0.94x for the full tiny model;
       # BENCHMARKS.md). Off by default until measured on GPU and TPU; the tiny config turns it on.
       ln_grad_barrier=False,
       dtype="float32",  # compute dtype; params stay param_dtype

@@ -123,9 +123,9 @@ materialized_grad.defvjp(_materialized_grad_fwd, _materialized_grad_bwd)
 def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None,
                eps: float = 1e-6, grad_barrier: bool = False) -> jax.Array:
   """LayerNorm over the last axis, in float32 whatever the input dtype. `grad_barrier`: the gradient that leaves
-  through x is materialized (`materialized_grad`). On XLA's CPU backend this halved the tiny model's step with
-  subject tokens off: its weight gradients read that gradient transposed, and each transposing copy otherwise
-  re-derived the LayerNorm backward of every later block (BENCHMARKS.md)."""
+  through x is materialized (`materialized_grad`). On XLA's CPU backend this cut the tiny model's step with
+  subject tokens off to 0.59x: its weight gradients read that gradient transposed, and each transposing copy
+  otherwise re-derived the LayerNorm backward of every later block (BENCHMARKS.md)."""
   if grad_barrier:
     x = materialized_grad(x)
   x32 = x.astype(jnp.float32)
