@@ -30,7 +30,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from ap_jax import actions as A
@@ -290,22 +289,6 @@ def data_benchmark(*, batch: int = 16, clip_steps: int = 1, workers: Sequence[in
   return dict(pipeline=rows, step_s=step_s, game=game)
 
 
-def parse_mesh(text: str | None) -> dict[str, int] | None:
-  """`data=4,tensor=2` -> mesh axis sizes (the others 1); empty or None: one device, no mesh."""
-  from ap_jax.train import mesh as mesh_lib
-
-  if not text:
-    return None
-  sizes = dict.fromkeys(mesh_lib.MESH_AXES, 1)
-  for item in text.split(","):
-    axis, _, value = item.partition("=")
-    if axis not in sizes or not value.isdigit() or int(value) < 1:
-      raise ValueError(f"mesh {text!r}: expected AXIS=SIZE[,AXIS=SIZE] with axes {', '.join(mesh_lib.MESH_AXES)} "
-                       "and sizes >= 1, e.g. data=4,tensor=2")
-    sizes[axis] = int(value)
-  return sizes
-
-
 def sampling_benchmark(config_name: str = "tiny", overrides: Sequence[str] = (), *, grid: Sequence[dict] | None = None,
                        steps: int = 8, repeats: int = 3, meshes: Sequence[str | None] = (None,)) -> list[dict]:
   """Rows of generated frames/s and latency per generated step. `grid`: the settings to run (players,
@@ -330,14 +313,10 @@ def sampling_benchmark(config_name: str = "tiny", overrides: Sequence[str] = (),
   rng = np.random.default_rng(0)
   rows = []
   for mesh_text in meshes:
-    sizes = parse_mesh(mesh_text)
     mesh = rules = None
     mesh_params, mesh_vae = params, vae_params
-    if sizes is not None:
-      devices = int(np.prod(list(sizes.values())))
-      if devices > jax.device_count():
-        raise ValueError(f"mesh {mesh_text!r} needs {devices} devices; this process has {jax.device_count()}")
-      mesh = mesh_lib.build_mesh(ml_collections.ConfigDict(sizes), devices=jax.devices()[:devices])
+    if mesh_text:
+      mesh = mesh_lib.mesh_from_spec(mesh_text)
       rules = mesh_lib.rules_from_config(config)
       shardings = sharding_lib.tree_shardings(dit_lib.param_logical_axes(stage.model_config), mesh, rules,
                                               shapes=params)

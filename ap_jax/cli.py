@@ -225,15 +225,15 @@ def cmd_compare(args) -> int:
 # ------------------------------------------------------------------------------------------------ sample
 
 
-def _mesh_sizes(text: str) -> dict[str, int]:
-  sizes = {}
-  for part in (p for p in text.split(",") if p):
-    name, _, value = part.partition("=")
-    if name not in ("data", "fsdp", "context", "tensor") or not value.lstrip("-").isdigit():
-      raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected AXIS=SIZE pairs joined by commas, axes data, "
-                                       "fsdp, context, tensor (e.g. data=2,tensor=2)")
-    sizes[name] = int(value)
-  return sizes
+def _mesh_spec(text: str) -> str:
+  """argparse type of --mesh: the text, once `mesh.parse_mesh_spec` accepts it."""
+  from ap_jax.train import mesh as mesh_lib
+
+  try:
+    mesh_lib.parse_mesh_spec(text)
+  except mesh_lib.MeshError as e:
+    raise argparse.ArgumentTypeError(str(e)) from e
+  return text
 
 
 def _add_sampler_flags(p, workdir_required: bool = True):
@@ -258,7 +258,7 @@ def _add_sampler_flags(p, workdir_required: bool = True):
                  help="snap fed-back coordinates to the centres of cells of this many pixels (0 = off; default: "
                       "the sampling.snap_px of the training config)")
   p.add_argument("--seed", type=int, default=0, help="sampling noise seed")
-  p.add_argument("--mesh", type=_mesh_sizes, default=None,
+  p.add_argument("--mesh", type=_mesh_spec, default=None,
                  help="sample on a device mesh, e.g. data=8 or data=2,tensor=4 (default: one device)")
 
 
@@ -266,18 +266,7 @@ def _load_for_sampling(args):
   """(TrainedModel, sampler keyword arguments) from the common flags."""
   from ap_jax.train import mesh as mesh_lib, trainer
 
-  mesh = None
-  if args.mesh:
-    import math
-
-    import jax
-    import ml_collections
-
-    sizes = dict(dict(data=1, fsdp=1, context=1, tensor=1), **args.mesh)
-    count = len(jax.devices()) if -1 in sizes.values() else math.prod(sizes.values())
-    if count > len(jax.devices()):
-      raise ValueError(f"--mesh {args.mesh} needs {count} devices, but there are {len(jax.devices())}")
-    mesh = mesh_lib.build_mesh(ml_collections.ConfigDict(sizes), devices=jax.devices()[:count])
+  mesh = mesh_lib.mesh_from_spec(args.mesh) if args.mesh else None
   trained = trainer.load_trained(args.workdir, mesh)
   kwargs = dict(sampler=args.sampler, denoise_steps=args.denoise_steps, chunk=args.chunk, guidance=args.guidance,
                 context_noise=args.context_noise, reencode=args.reencode)

@@ -8,6 +8,7 @@ import pytest
 
 from ap_jax import bench, cli
 from ap_jax.train import config_utils
+from ap_jax.train import mesh as mesh_lib
 
 SMALL = ["--config.data.global_batch_size=8", "--config.model.dit.depth=1"]
 
@@ -56,7 +57,7 @@ def test_sampling_benchmark_runs_sharded_over_the_given_meshes():
   assert all(r["batch"] == 6 and r["frames_per_s"] > 0 and r["compiled_functions"] >= 1 for r in rows)
   assert "| tiny | data=2,tensor=2 | 2 | 1 | 6 |" in bench.sampling_table(rows)
   with pytest.raises(ValueError, match="mesh 'data=4,pipeline=2'"):
-    bench.parse_mesh("data=4,pipeline=2")
+    mesh_lib.parse_mesh_spec("data=4,pipeline=2")
   with pytest.raises(ValueError, match="needs 16 devices"):
     bench.sampling_benchmark("tiny", grid=grid, meshes=["data=16"])
 

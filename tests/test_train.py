@@ -699,3 +699,17 @@ def test_object_store_urls_are_refused_before_anything_is_written(tmp_path, monk
   with pytest.raises(trainer.TrainError, match=r"data.dir gs://bkt/data: "):
     trainer.train(data, str(tmp_path / "w"), progress=False)
   assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_mesh_flags_name_a_mesh_over_the_first_devices():
+  # `--mesh` of sample/eval and `bench sampling --meshes` read the same text.
+  assert mesh_lib.parse_mesh_spec("data=4,tensor=2") == dict(data=4, fsdp=1, context=1, tensor=2)
+  mesh = mesh_lib.mesh_from_spec("data=2,tensor=2")
+  assert dict(mesh.shape) == dict(data=2, fsdp=1, context=1, tensor=2)
+  assert list(mesh.devices.flat) == jax.devices()[:4]
+  assert dict(mesh_lib.mesh_from_spec("data=-1,tensor=2").shape)["data"] == len(jax.devices()) // 2
+  for bad in ("data=4,pipeline=2", "data=0", "data=four", "data=-2"):
+    with pytest.raises(mesh_lib.MeshError, match=f"mesh '{bad}': expected AXIS=SIZE"):
+      mesh_lib.parse_mesh_spec(bad)
+  with pytest.raises(mesh_lib.MeshError, match="mesh 'data=16' needs 16 devices, but there are 8"):
+    mesh_lib.mesh_from_spec("data=16")

@@ -74,6 +74,28 @@ def build_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
   return Mesh(array, MESH_AXES, axis_types=axis_types)
 
 
+def parse_mesh_spec(text: str) -> dict[str, int]:
+  """`data=4,tensor=2` (the command lines' mesh flags) -> every mesh axis's size, 1 where not named; -1 fills."""
+  sizes = dict.fromkeys(MESH_AXES, 1)
+  for item in (i for i in text.split(",") if i):
+    axis, _, value = item.partition("=")
+    if axis not in sizes or not value.lstrip("-").isdigit() or int(value) == 0 or int(value) < -1:
+      raise MeshError(f"mesh {text!r}: expected AXIS=SIZE pairs joined by commas, axes {', '.join(MESH_AXES)}, "
+                      "sizes >= 1 or -1 (the rest), e.g. data=4,tensor=2")
+    sizes[axis] = int(value)
+  return sizes
+
+
+def mesh_from_spec(text: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh a `data=4,tensor=2` flag names, over the first devices it needs (all of them with a -1 size)."""
+  devices = list(devices) if devices is not None else jax.devices()
+  sizes = parse_mesh_spec(text)
+  count = len(devices) if -1 in sizes.values() else math.prod(sizes.values())
+  if count > len(devices):
+    raise MeshError(f"mesh {text!r} needs {count} devices, but there are {len(devices)}")
+  return build_mesh(ml_collections.ConfigDict(sizes), devices=devices[:count])
+
+
 def single_device_mesh() -> Mesh:
   """Every axis of size 1 on the first device (inference and tools that need no sharding)."""
   return build_mesh(ml_collections.ConfigDict({axis: 1 for axis in MESH_AXES}), devices=jax.devices()[:1])
