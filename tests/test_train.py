@@ -713,3 +713,29 @@ def test_mesh_flags_name_a_mesh_over_the_first_devices():
       mesh_lib.parse_mesh_spec(bad)
   with pytest.raises(mesh_lib.MeshError, match="mesh 'data=16' needs 16 devices, but there are 8"):
     mesh_lib.mesh_from_spec("data=16")
+
+
+def test_autoencoder_crops_on_subjects_contain_a_real_player():
+  """`autoencoder_crop_on_subjects=1` puts a real player inside every crop of a frame that has one; padding slots
+  are never chosen; frames of clips without players fall back to uniform crops; bad fractions are refused."""
+  b, t, h, w, p = 4, 2, 96, 96, 3
+  rng = np.random.default_rng(0)
+  positions = rng.uniform(4, h - 4, size=(b, t, p, 2)).astype(np.float32)
+  mask = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0], [0, 0, 1]], bool)
+  positions[~np.broadcast_to(mask[:, None], (b, t, p))] = 2.0  # padding slots sit in a corner, far from players
+  frames = np.zeros((b, t, h, w, 2), np.float32)  # channel 0: real players' pixels, channel 1: padding's
+  for i, j, k in np.ndindex(b, t, p):
+    y, x = positions[i, j, k].astype(int)
+    frames[i, j, y, x, 0 if mask[i, k] else 1] = 1.0
+  for seed in range(5):
+    crops = np.asarray(trainer.random_crops(jax.numpy.asarray(frames), 24, jax.random.PRNGKey(seed),
+                                            (positions, mask, 1.0)))
+    assert crops.shape == (b * t, 1, 24, 24, 2)
+    has_player = crops[..., 0].reshape(b * t, -1).max(-1) > 0
+    assert has_player.reshape(b, t)[mask.any(-1)].all()
+  uniform = np.asarray(trainer.random_crops(jax.numpy.asarray(frames), 24, jax.random.PRNGKey(0)))
+  assert uniform.shape == (b * t, 1, 24, 24, 2)
+  config = config_utils.load_config(f"{TINY}:autoencoder,runlocal")
+  config_utils.apply_overrides(config, ["--config.autoencoder_crop_on_subjects=1.5"])
+  with pytest.raises(config_utils.ConfigError, match="autoencoder_crop_on_subjects = 1.5"):
+    trainer.build_stage(config)

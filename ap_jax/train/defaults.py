@@ -19,6 +19,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
   c.model = get_model_config(model_name)
   c.autoencoder_workdir = ""  # denoiser stage: workdir of the trained autoencoder
   c.autoencoder_crop = 0  # autoencoder stage: train on random square crops of this size (0: whole frames)
+  c.autoencoder_crop_on_subjects = 0.0  # ... of which this fraction is placed around a random real player
   c.seed = 0
   c.total_steps = 1000
   c.log_every = 10

@@ -110,9 +110,15 @@ def build_stage(config: ml_collections.ConfigDict, *, frozen: Any = None, meta: 
   model_config = ml_collections.ConfigDict(config.model.to_dict())
   if config.stage == "autoencoder":
     crop = int(config.get("autoencoder_crop", 0))
+    on_subjects = float(config.get("autoencoder_crop_on_subjects", 0.0))
+    if not 0.0 <= on_subjects <= 1.0:
+      raise config_utils.ConfigError(f"autoencoder_crop_on_subjects = {on_subjects}, expected a fraction in [0, 1]")
+    if on_subjects and not crop:
+      raise config_utils.ConfigError(f"autoencoder_crop_on_subjects = {on_subjects} needs autoencoder_crop > 0")
     foreground = model_config.vae.get("foreground", "colour")
     if foreground not in ("colour", "subjects"):
       raise config_utils.ConfigError(f"model.vae.foreground = {foreground!r}, expected 'colour' or 'subjects'")
+    needs_positions = foreground == "subjects" or on_subjects > 0
 
     def ae_loss(params, batch, rng, frozen):
       del frozen
@@ -123,10 +129,11 @@ def build_stage(config: ml_collections.ConfigDict, *, frozen: Any = None, meta: 
                                           float(model_config.vae.foreground_weight))
       if crop:
         rng, crop_rng = jax.random.split(rng)
+        subjects = (batch["positions"], batch["player_mask"], on_subjects) if on_subjects else None
         if weights is None:
-          frames = random_crops(frames, crop, crop_rng)
+          frames = random_crops(frames, crop, crop_rng, subjects)
         else:  # the same crop of the frames and their weights
-          both = random_crops(jnp.concatenate([frames, weights], axis=-1), crop, crop_rng)
+          both = random_crops(jnp.concatenate([frames, weights], axis=-1), crop, crop_rng, subjects)
           frames, weights = both[..., :-1], both[..., -1:]
       return vae_lib.vae_loss(params, model_config, frames, rng, weights)
 
@@ -134,7 +141,7 @@ def build_stage(config: ml_collections.ConfigDict, *, frozen: Any = None, meta: 
         name="autoencoder", model_config=model_config,
         init=lambda rng: vae_lib.vae_init(rng, model_config),
         logical_axes=vae_lib.vae_logical_axes(model_config), loss=ae_loss,
-        batch_keys=("frames",) + (("positions", "player_mask") if foreground == "subjects" else ()))
+        batch_keys=("frames",) + (("positions", "player_mask") if needs_positions else ()))
   if config.stage == "denoiser":
     if frozen is None or meta is None:
       raise TrainError("the denoiser stage needs a trained autoencoder: set --config.autoencoder_workdir")
@@ -162,16 +169,35 @@ def build_stage(config: ml_collections.ConfigDict, *, frozen: Any = None, meta: 
   raise config_utils.ConfigError(f"stage = {config.stage!r}, expected one of {STAGES}")
 
 
-def random_crops(frames_BTHWC: jax.Array, size: int, rng: jax.Array) -> jax.Array:
+def random_crops(frames_BTHWC: jax.Array, size: int, rng: jax.Array,
+                 subjects: tuple[jax.Array, jax.Array, float] | None = None) -> jax.Array:
   """One random size x size crop per frame, [B, T, H, W, C] -> [B T, 1, size, size, C]. The autoencoder is
-  convolutional, so crops teach it the same thing as whole frames at a fraction of the cost."""
+  convolutional, so crops teach it the same thing as whole frames at a fraction of the cost.
+
+  `subjects` = (positions [B, T, P, 2] in pixels (y, x), player_mask [B, P], fraction): that fraction of the crops
+  contains a real player, drawn at random, anywhere in the crop's middle half (clipped to the frame). Players
+  are a few percent of a large canvas, so uniform crops mostly show the floor: on Melting Pot's 128 x 128 kitchens
+  they left the sprites blurred (docs/research_log.md entry 25). Frames of clips without players keep uniform crops.
+  """
   b, t, h, w, c = frames_BTHWC.shape
   if size > min(h, w):
     raise config_utils.ConfigError(f"autoencoder_crop = {size} is larger than the {h}x{w} frames")
   flat = frames_BTHWC.reshape(b * t, h, w, c)
-  ky, kx = jax.random.split(rng)
+  ky, kx, kp, kj, kf = jax.random.split(rng, 5)
   ys = jax.random.randint(ky, (b * t,), 0, h - size + 1)
   xs = jax.random.randint(kx, (b * t,), 0, w - size + 1)
+  if subjects is not None:
+    positions, player_mask, fraction = subjects
+    real = jnp.broadcast_to(player_mask.astype(bool)[:, None, :], positions.shape[:3]).reshape(b * t, -1)
+    # A random real player per frame: the argmax of Gumbel-perturbed logits that are -inf on padding slots.
+    logits = jnp.where(real, 0.0, -jnp.inf) + jax.random.gumbel(kp, real.shape)
+    who = jnp.argmax(logits, axis=-1)
+    centre = jnp.take_along_axis(positions.reshape(b * t, -1, 2).astype(jnp.float32), who[:, None, None], axis=1)[:, 0]
+    jitter = jax.random.uniform(kj, (b * t, 2), minval=-size / 4, maxval=size / 4)
+    corner = jnp.round(centre + jitter - size / 2).astype(jnp.int32)
+    use = (jax.random.uniform(kf, (b * t,)) < fraction) & jnp.any(real, axis=-1)
+    ys = jnp.where(use, jnp.clip(corner[:, 0], 0, h - size), ys)
+    xs = jnp.where(use, jnp.clip(corner[:, 1], 0, w - size), xs)
   crop = lambda f, y, x: jax.lax.dynamic_slice(f, (y, x, 0), (size, size, c))
   return jax.vmap(crop)(flat, ys, xs)[:, None]
 
