@@ -205,7 +205,7 @@ def fresh_meltingpot_cases(config, players: tuple[int, int], episodes_per_count:
   """`episodes_per_count` new Melting Pot episodes of the config's training substrates for each player count in
   [MIN, MAX] that at least one of them allows (counts none allows are skipped, and logged), `steps` actions long,
   from seeds `generation_seed + FRESH_SEED_OFFSET + ...`: a dataset per count, generated into the cache once."""
-  from ap_jax.data import meltingpot
+  from ap_jax.data import meltingpot_substrates
   from ap_jax.train import trainer
 
   if config.data.source != "meltingpot":
@@ -219,7 +219,7 @@ def fresh_meltingpot_cases(config, players: tuple[int, int], episodes_per_count:
   spec = trainer.generation_spec(config.data)
   cases = []
   for n in range(lo, hi + 1):
-    substrates = tuple(s for s in spec.substrates if n in meltingpot.player_counts(s))
+    substrates = tuple(s for s in spec.substrates if n in meltingpot_substrates.player_counts(s))
     if not substrates:
       log.info("no training substrate takes %d players (%s): skipped", n, ", ".join(spec.substrates))
       continue

@@ -20,6 +20,8 @@ import time
 import numpy as np
 
 from ap_jax.data import meltingpot as M
+from ap_jax.data import meltingpot_env
+from ap_jax.data import meltingpot_substrates
 
 
 def _build_and_step_seconds(substrate: str, num_players: int, steps: int, seed: int) -> tuple[float, float]:
@@ -28,14 +30,14 @@ def _build_and_step_seconds(substrate: str, num_players: int, steps: int, seed: 
   env_seed, episode_seed, settings_seed, rng = M._seeds(seed)  # pylint: disable=protected-access
   actions = M.sample_actions(rng, steps, num_players)
   start = time.perf_counter()
-  episode = M._EpisodeSettings(substrate, num_players, settings_seed)  # pylint: disable=protected-access
+  episode = meltingpot_env.EpisodeSettings(substrate, num_players, settings_seed)
   env = episode.start(env_seed, episode_seed)
   built = time.perf_counter()
   vectors, players = episode.action_vectors(env), np.arange(num_players)
   for t in range(steps):
     env.act_discrete(vectors[players, actions[t]].sum(axis=0))
     env.advance()
-    M._observe(env, num_players)  # pylint: disable=protected-access
+    meltingpot_env.observe(env, num_players)
   return built - start, time.perf_counter() - built
 
 
@@ -76,8 +78,8 @@ def main() -> None:
   canvas_hw = tuple(int(v) for v in args.canvas.lower().split("x"))
   rows = []
   for substrate in [s for s in args.substrates.split(",") if s]:
-    counts = M.player_counts(substrate)
-    default = len(M._config(substrate).default_player_roles)  # pylint: disable=protected-access
+    counts = meltingpot_substrates.player_counts(substrate)
+    default = len(meltingpot_substrates.substrate_config(substrate).default_player_roles)
     players = default if default in counts else max(counts)
     rows.append(measure(substrate, players, args.steps, args.repeats, canvas_hw))
   header = f"{'substrate':<28} {'P':>2} {'steps':>5} {'build s':>8} {'episode s':>9} {'episode st/s':>12} " \

@@ -70,8 +70,9 @@ def test_replay_with_other_actions_starts_from_the_episode(episodes):
 
 def test_replay_meltingpot_matches_generated_episode():
   mp = pytest.importorskip("ap_jax.data.meltingpot")
+  from ap_jax.data import meltingpot_substrates
   try:
-    mp._import_meltingpot()  # pylint: disable=protected-access
+    meltingpot_substrates.import_meltingpot()
   except Exception as e:  # pylint: disable=broad-except
     pytest.skip(f"Melting Pot is not installed: {e}")
   ep = mp.generate_episode("coins", 2, 2, seed=7)

@@ -132,8 +132,9 @@ DEFAULT_RUN = ("clean_up",)  # the rest are marked slow (1-5 min each on 2 busy 
 @pytest.fixture(scope="module")
 def mp():
   module = pytest.importorskip("ap_jax.data.meltingpot")
+  from ap_jax.data import meltingpot_substrates
   try:
-    module._import_meltingpot()  # pylint: disable=protected-access
+    meltingpot_substrates.import_meltingpot()
   except ImportError as e:
     pytest.skip(f"Melting Pot is not installed: {e}")
   return module

@@ -13,6 +13,8 @@ pytest.importorskip("meltingpot")
 
 from ap_jax import actions as A  # noqa: E402
 from ap_jax.data import meltingpot as M  # noqa: E402
+from ap_jax.data import meltingpot_actions as MA  # noqa: E402
+from ap_jax.data import meltingpot_substrates as MS  # noqa: E402
 from ap_jax.data import schema  # noqa: E402
 
 pytestmark = pytest.mark.meltingpot
@@ -138,26 +140,26 @@ def test_sticky_policy_repeats_actions():
 
 
 def test_action_table_covers_every_substrate():
-  names = M.list_substrates()
+  names = MS.list_substrates()
   assert len(names) >= 49
   for name in names:
-    table = M.unified_action_table(name)
-    dicts = M.unified_action_dicts(name)
+    table = MA.unified_action_table(name)
+    dicts = MA.unified_action_dicts(name)
     assert len(table) == A.NUM_ACTIONS
     assert dicts[:A.INTERACT] == [{}, {"move": 1}, {"move": 3}, {"move": 4}, {"move": 2}, {"turn": -1}, {"turn": 1}]
-    assert (dicts[A.INTERACT] == {}) == (M.unexpressed_actions(name) == ["INTERACT"])
-    assert M.player_counts(name), name
-  assert M.unexpressed_actions("coins") == ["INTERACT"]
-  assert M.unified_action_dicts("commons_harvest__open")[A.INTERACT] == {"fireZap": 1}
-  assert M.unified_action_dicts("collaborative_cooking__ring")[A.INTERACT] == {"interact": 1}
-  markdown = M.action_table_markdown()
+    assert (dicts[A.INTERACT] == {}) == (MA.unexpressed_actions(name) == ["INTERACT"])
+    assert MS.player_counts(name), name
+  assert MA.unexpressed_actions("coins") == ["INTERACT"]
+  assert MA.unified_action_dicts("commons_harvest__open")[A.INTERACT] == {"fireZap": 1}
+  assert MA.unified_action_dicts("collaborative_cooking__ring")[A.INTERACT] == {"interact": 1}
+  markdown = MA.action_table_markdown()
   assert all(f"`{name}`" in markdown for name in names)
 
 
 def test_player_counts_match_what_the_environment_accepts():
-  assert M.probe_player_counts("coins", candidates=(1, 2, 3), steps=2) == M.player_counts("coins") == (2,)
+  assert M.probe_player_counts("coins", candidates=(1, 2, 3), steps=2) == MS.player_counts("coins") == (2,)
   assert M.probe_player_counts("paintball__king_of_the_hill", candidates=(3, 4), steps=2) == (4,)
-  assert 3 not in M.player_counts("paintball__king_of_the_hill")
+  assert 3 not in MS.player_counts("paintball__king_of_the_hill")
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -163,11 +163,11 @@ def _generate_builtin(spec: GenerationSpec, seeds: list[int]) -> Iterator[dict[s
 def meltingpot_episode_plan(spec: GenerationSpec, seed: int) -> tuple[str, int]:
   """(substrate, num_players) of a Melting Pot episode, drawn from its seed: a substrate, then one of the player
   counts that substrate allows within `spec.players` (some allow only a few, e.g. paintball even counts)."""
-  from ap_jax.data import meltingpot
+  from ap_jax.data import meltingpot_substrates
 
   rng = np.random.default_rng(np.uint64(seed) + np.uint64(0x5EED))
   substrate = spec.substrates[int(rng.integers(len(spec.substrates)))]
-  allowed = [n for n in meltingpot.player_counts(substrate) if spec.players[0] <= n <= spec.players[1]]
+  allowed = [n for n in meltingpot_substrates.player_counts(substrate) if spec.players[0] <= n <= spec.players[1]]
   return substrate, int(allowed[int(rng.integers(len(allowed)))])
 
 
@@ -226,15 +226,15 @@ def check_spec(spec: GenerationSpec) -> GenerationSpec:
       gridgame.layout_id(name)
     return spec
   if spec.source == "meltingpot":
-    from ap_jax.data import meltingpot
+    from ap_jax.data import meltingpot_substrates
 
-    valid = meltingpot.list_substrates()
+    valid = meltingpot_substrates.list_substrates()
     substrates = spec.substrates or tuple(valid)
     unknown = [s for s in substrates if s not in valid]
     if unknown:
       raise ValueError(f"unknown Melting Pot substrate(s) {unknown}: expected names from {', '.join(valid)}")
     for name in substrates:
-      allowed = meltingpot.player_counts(name)
+      allowed = meltingpot_substrates.player_counts(name)
       if not any(lo <= n <= hi for n in allowed):
         raise ValueError(f"players = {lo}-{hi}, but Melting Pot substrate {name!r} allows only "
                          f"{', '.join(map(str, allowed))} players")

@@ -501,14 +501,14 @@ def _main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--canvas", default="64x64", help="HxW canvas in pixels")
   parser.add_argument("--out", default=None, help="write the table as JSON here")
   args = parser.parse_args(argv)
-  from ap_jax.data import meltingpot
+  from ap_jax.data import meltingpot_substrates
 
   canvas = tuple(int(v) for v in args.canvas.split("x"))
   rows = {}
   print("| substrate | players | cell px | accuracy | false detections | instances | look-alike | facing unreadable |")
   print("|---|---|---|---|---|---|---|---|")
   for substrate in [s for s in args.substrates.split(",") if s]:
-    counts = meltingpot.player_counts(substrate)
+    counts = meltingpot_substrates.player_counts(substrate)
     n = args.players or next((c for c in counts if c >= 2), counts[0])
     det = meltingpot_detector(substrate, n, canvas)
     chk = det.info["check"]
