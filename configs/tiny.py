@@ -9,9 +9,9 @@ Hardware: 2 CPU cores (float32). First use generates the built-in dataset (2,000
 players, 64x64 frames) into ~/.cache/ap_jax (about 10 s). The denoiser step costs about 0.2 s on 2 CPU cores
 (batch 16), so this config's 3,600 steps take about 12 min after the latents are encoded (2 min). `ap-jax demo`
 trains the autoencoder 1,200 and the denoiser 2,800 steps to fit 20 min (18.0 min measured; test movement accuracy
-0.755, subject preservation 0.807, SSIM 0.910); 3,600 steps after 1,200 autoencoder steps scored 0.823 / 0.882 (22.9 min), and
-batch 48 x 3,600 steps (`tiny:batch=48`) meets the targets (0.955 / 0.970). README "The main job and the comparison"; the recipe's
-deviations from the paper are measured in docs/research_log.md.
+0.755, subject preservation 0.807, SSIM 0.910); 3,600 steps after 1,200 autoencoder steps scored 0.823 / 0.882
+(22.9 min), and batch 48 x 3,600 steps (`tiny:batch=48`) meets the targets (0.955 / 0.970). README "The main job
+and the comparison"; the recipe's deviations from the paper are measured in docs/research_log.md.
 
 Arguments (comma-separated after the colon, e.g. `tiny:autoencoder,runlocal` or `configs/tiny.py:batch=48`):
 - `autoencoder`: that stage (default: the denoiser).
