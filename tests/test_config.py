@@ -80,3 +80,81 @@ def test_config_files_document_their_arguments():
     for argument in ("`autoencoder`", "`runlocal`", "`batch=N`", "`steps=N`"):
       assert argument in doc, (name, argument)
     assert "config_utils.parse_arg(arg, " in source and "config_args" not in source
+
+
+def test_bare_names_find_the_packaged_configs_from_any_working_directory(tmp_path, monkeypatch):
+  by_path = {spec: config_utils.load_config(os.path.join(ROOT, "configs", spec)).to_dict()
+             for spec in ("tiny.py:autoencoder,runlocal", "meltingpot.py:tiny")}
+  monkeypatch.chdir(tmp_path)
+  assert config_utils.configs_dir() == os.path.join(ROOT, "configs")  # a checkout: its own configs/
+  assert config_utils.load_config("tiny:autoencoder,runlocal").to_dict() == by_path["tiny.py:autoencoder,runlocal"]
+  assert config_utils.load_config("meltingpot:tiny").to_dict() == by_path["meltingpot.py:tiny"]
+  # A path is a path: configs/tiny.py is relative to the working directory.
+  with pytest.raises(config_utils.ConfigError, match=r"'configs/tiny.py' does not exist; configs in .*: base.py, "
+                                                     r"meltingpot.py, small.py, tiny.py$"):
+    config_utils.load_config("configs/tiny.py")
+
+
+def test_setup_cfg_installs_every_package_and_the_configs():
+  import configparser
+
+  import setuptools
+
+  setup = configparser.ConfigParser()
+  setup.read(os.path.join(ROOT, "setup.cfg"))
+  packages = setup["options"]["packages"].split()
+  assert set(packages) == set(setuptools.find_packages(ROOT, include=["ap_jax", "ap_jax.*"])) | {"ap_jax.configs"}
+  assert setup["options"]["package_dir"].split() == ["ap_jax.configs", "=", "configs"]
+
+
+def _can_build_a_wheel_offline() -> bool:
+  try:
+    from setuptools.command import bdist_wheel  # pylint: disable=import-outside-toplevel,unused-import  # >= 70.1
+  except ImportError:
+    try:
+      from wheel import bdist_wheel  # pylint: disable=import-outside-toplevel,unused-import,no-name-in-module
+    except ImportError:
+      return False
+  return True
+
+
+def test_the_wheel_carries_the_configs_and_finds_them_by_name(tmp_path):
+  """Builds the wheel (from a copy of the sources: an in-tree build leaves build/ behind), unpacks it as an install
+  does, and loads configs by bare name from another folder with only the unpacked wheel on the path."""
+  import shutil
+  import subprocess
+  import sys
+  import zipfile
+
+  src = tmp_path / "src"
+  src.mkdir()
+  for name in ("setup.cfg", "pyproject.toml", "README.md"):
+    shutil.copy(os.path.join(ROOT, name), src / name)
+  for name in ("ap_jax", "configs"):
+    shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__"))
+  # Offline (the build tools already installed) where it can; otherwise pip fetches pyproject.toml's build tools.
+  isolation = ["--no-build-isolation"] if _can_build_a_wheel_offline() else []
+  r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(tmp_path / "dist"),
+                      str(src)], capture_output=True, text=True, check=False)
+  assert r.returncode == 0, r.stdout + r.stderr
+  [wheel] = (tmp_path / "dist").glob("ap_jax-*.whl")
+  names = set(zipfile.ZipFile(wheel).namelist())
+  configs = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+  assert {f"ap_jax/configs/{f}" for f in configs} <= names, sorted(names)
+  sources = {os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(os.path.join(ROOT, "ap_jax"))
+             for f in fs if f.endswith(".py")}
+  assert sources <= names, sorted(sources - names)  # every package is listed in setup.cfg
+  site = tmp_path / "site"
+  zipfile.ZipFile(wheel).extractall(site)
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  script = ("import ap_jax; from ap_jax.train import config_utils as cu; print(ap_jax.__file__); "
+            "print(cu.configs_dir()); print(cu.to_json(cu.load_config('tiny:autoencoder,runlocal'))); "
+            "print(cu.to_json(cu.load_config('meltingpot:tiny')))")
+  r = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, capture_output=True, text=True, check=False,
+                     env={**os.environ, "PYTHONPATH": str(site)})
+  assert r.returncode == 0, r.stderr
+  module, found, out = r.stdout.split("\n", 2)
+  assert module == str(site / "ap_jax" / "__init__.py") and found == str(site / "ap_jax" / "configs")
+  assert out == "".join(config_utils.to_json(config_utils.load_config(spec)) + "\n"
+                        for spec in ("tiny:autoencoder,runlocal", "meltingpot:tiny"))

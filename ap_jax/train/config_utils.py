@@ -2,7 +2,8 @@
 
 A config file defines `get_config(arg: str | None = None) -> ConfigDict`, big_vision style; `path:arg` passes
 `arg`, which the file reads with `parse_arg`: flags and typed values, e.g. `configs/tiny.py:autoencoder,batch=32`.
-A bare name (`tiny:runlocal`) is configs/tiny.py. Overrides are `--config.a.b=value`; the value
+A bare name (`tiny:runlocal`) is the config of that name shipped with the package, found from any working
+directory; a path (`configs/tiny.py`, `my_configs/x.py`) is a file. Overrides are `--config.a.b=value`; the value
 is parsed as a Python literal and must match the type of the key it replaces. A key that does not exist is an
 error naming the closest existing keys, so a typo never silently trains the wrong model.
 """
@@ -104,10 +105,27 @@ def _parse_arg_value(key: str, text: str, kind: type) -> Any:
   raise ConfigError(f"config argument {key}={text}: {text!r} is not {_ARG_TYPES[kind]}")
 
 
+def configs_dir() -> str:
+  """The folder bare config names resolve in (`tiny` is `tiny.py` there): a checkout's top-level configs/ when
+  ap_jax runs from a checkout (an editable install, or the checkout on PYTHONPATH), else the configs installed
+  with the package as `ap_jax.configs` (setup.cfg maps configs/ onto that package, so a wheel carries them)."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  checkout = os.path.join(root, "configs")
+  # A checkout is where setup.cfg sits beside the package; a bare `configs` folder beside an installed ap_jax
+  # (another distribution's, in site-packages) is not ours.
+  if os.path.isdir(checkout) and os.path.isfile(os.path.join(root, "setup.cfg")):
+    return checkout
+  spec = importlib.util.find_spec("ap_jax.configs")
+  if spec is not None and spec.submodule_search_locations:
+    return list(spec.submodule_search_locations)[0]
+  return checkout  # neither: load_config's error names this folder
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path/to/config.py[:arg]`, or `NAME[:arg]` for `configs/NAME.py`."""
+  """Loads `path/to/config.py[:arg]`, or `NAME[:arg]` for the config `NAME.py` in `configs_dir()` (from any
+  working directory). `arg` goes to the file's `get_config(arg)` (None when empty)."""
   path, _, arg = spec.partition(":")
-  here = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+  here = configs_dir()
   if not os.path.exists(path) and os.sep not in path and not path.endswith(".py"):
     path = os.path.join(here, f"{path}.py")  # a bare name: `tiny` is configs/tiny.py
   if not os.path.exists(path):
