@@ -127,7 +127,9 @@ def add_train(sub):
                      description="Train the stage the config names (autoencoder or denoiser) in --workdir, "
                      "resuming from its newest good checkpoint. Extra --config.KEY=VALUE arguments override "
                      "config keys. SIGTERM / Ctrl-C finish the step, save and exit.")
-  p.add_argument("--config", required=True, help="config file, optionally with an argument: configs/tiny.py[:ARG]")
+  p.add_argument("--config", required=True,
+                 help="config name or file, optionally with arguments: NAME[:ARGS] for a config shipped with the "
+                      "package (tiny:autoencoder,batch=32), or a file (configs/tiny.py[:ARGS])")
   p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard logs, loss.png")
   p.add_argument("--fresh", action="store_true",
                  help="start over even if the workdir holds a checkpoint (old checkpoints are moved aside)")
@@ -440,7 +442,7 @@ def add_aot(sub):
                      "temporaries) against the chip's HBM, FLOPs per step and the roofline bound on step time and "
                      "MFU. Needs libtpu (the tpu extra). Exits 1 when the step does not fit. Extra "
                      "--config.KEY=VALUE arguments override config keys (the mesh: --config.mesh.fsdp=-1 ...).")
-  p.add_argument("--config", required=True, help="config file or name, optionally with an argument: base[:ARG]")
+  p.add_argument("--config", required=True, help="config name or file, optionally with arguments: base[:ARGS]")
   p.add_argument("--topology", required=True,
                  help="Cloud TPU slice (v5p-8, v5p-64, v5e-16, v6e-256) or GENERATION:SHAPE (v5p:2x4x4)")
   p.add_argument("--num-slices", type=int, default=1,

@@ -23,7 +23,7 @@ from ap_jax.data import tfds_builder
 
 log = logging.getLogger("ap_jax.demo")
 
-TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+TINY = "tiny"  # configs/tiny.py, by name: the config shipped with the package, found from any working directory
 
 # The paper's comparison (PAPER.md "Baselines" and "Ablations"), as overrides of the tiny denoiser config.
 VARIANTS: dict[str, list[str]] = {

@@ -11,7 +11,7 @@ is), and so is the held-out substrates' dataset the first time `ap-jax eval --he
 `ap-jax eval --oracle --data DIR ...` gives the metric pipeline's ceiling on the same episodes. Frames are scored
 by detectors learned per substrate (ap_jax/eval/learned_detector.py). The meltingpot extra must be installed.
 
-Arguments (comma-separated after the colon):
+Arguments (comma-separated after the colon, e.g. `meltingpot:tiny,autoencoder,batch=32`):
 - `tiny`: the built-in game's tiny recipe (configs/tiny.py) on the Melting Pot substrates whose maps fit a
   128 x 128 canvas at 8 px per cell: the collaborative_cooking family. Trains on `crowded` (2-7 players) and `figure_eight`
   (2-6), and holds out the five two-player kitchens (`asymmetric`, `circuit`, `cramped`, `forced`, `ring`): layouts
@@ -21,13 +21,14 @@ Arguments (comma-separated after the colon):
 - default (no `tiny`): the small model on a 256 x 256 canvas (8 px cells for maps up to 32 x 32 cells), the
   paper's setting of 2-7 players padded to 8 slots, on an accelerator or a TPU slice (data parallel).
 - `autoencoder` selects that stage; `runlocal` shrinks the run to a smoke test (a few steps and episodes).
+- `batch=N`: the global batch size (default 32; with `tiny`, tiny's: 16, 8 with runlocal).
+- `steps=N`: the training steps (default 20,000 for the autoencoder, 100,000 for the denoiser, 3 with runlocal;
+  with `tiny`, tiny's: 1,500 / 3,600, 6 with runlocal). `batch` and `steps` win over runlocal.
 Override the substrates with `--config.data.substrates=a,b --config.data.heldout_substrates=c,d`.
 """
 
 from ap_jax.train import config_utils
 from ap_jax.train.defaults import base_config
-
-ARGS = ("autoencoder", "runlocal", "tiny")
 
 # The small model's default: substrates of several families whose maps fit the 256 x 256 canvas at 8 px per
 # cell, 2-7 players each, and held-out substrates of families seen in training (new maps and rules, known sprites).
@@ -43,8 +44,8 @@ TINY_HELDOUT_SUBSTRATES = ("collaborative_cooking__asymmetric", "collaborative_c
                            "collaborative_cooking__ring")
 
 
-def _tiny(args):
-  tiny_arg = ",".join(a for a in args if a in ("autoencoder", "runlocal"))
+def _tiny(arg):
+  tiny_arg = ",".join(flag for flag in ("autoencoder", "runlocal") if arg[flag])
   c = config_utils.load_config(f"tiny:{tiny_arg}")
   # 8 px cells, as the built-in game's: the kitchens (at most 9 x 16 cells) fit a 128 x 128 canvas unscaled. At
   # 64 x 64 (4 px cells) the tiny autoencoder loses the players (docs/research_log.md entry 21).
@@ -58,19 +59,19 @@ def _tiny(args):
   c.data.heldout_episodes = 300
   c.data.episodes = 1500
   c.data.players = (2, 7)
-  if "runlocal" in args:
+  if arg.runlocal:
     c.data.episodes = 12
     c.data.heldout_episodes = 6
   return c
 
 
 def get_config(arg=None):
-  args = config_utils.config_args(arg, ARGS)
-  if "tiny" in args:
-    c = _tiny(args)
+  arg = config_utils.parse_arg(arg, autoencoder=False, runlocal=False, tiny=False, batch=int, steps=int)
+  if arg.tiny:
+    c = _tiny(arg)
   else:
     c = base_config("small")
-    c.stage = "autoencoder" if "autoencoder" in args else "denoiser"
+    c.stage = "autoencoder" if arg.autoencoder else "denoiser"
     c.model.dit.dtype = "bfloat16"
     c.data.frame_hw = (256, 256)
     c.data.substrates = TRAIN_SUBSTRATES
@@ -82,7 +83,7 @@ def get_config(arg=None):
     c.total_steps = 20000 if c.stage == "autoencoder" else 100000
     c.checkpoint_every = 1000
     c.log_every = 50
-    if "runlocal" in args:
+    if arg.runlocal:
       c.model.dit.dtype = "float32"
       c.total_steps = 3
       c.log_every = 1
@@ -91,4 +92,8 @@ def get_config(arg=None):
       c.data.frame_hw = (64, 64)
   c.data.source = "meltingpot"
   c.data.steps = 16
+  if arg.batch is not None:
+    c.data.global_batch_size = arg.batch
+  if arg.steps is not None:
+    c.total_steps = arg.steps
   return c

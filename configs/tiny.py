@@ -9,24 +9,26 @@ Hardware: 2 CPU cores (float32). First use generates the built-in dataset (2,000
 players, 64x64 frames) into ~/.cache/ap_jax (about 10 s). The denoiser step costs about 0.2 s on 2 CPU cores
 (batch 16), so this config's 3,600 steps take about 12 min after the latents are encoded (2 min). `ap-jax demo`
 trains the autoencoder 1,200 and the denoiser 2,800 steps to fit 20 min (18.0 min measured; test movement accuracy
-0.755, subject preservation 0.807, SSIM 0.910); 3,600 steps after 1,200 autoencoder steps scored 0.823 / 0.882 (22.9 min), and
-batch 48 x 3,600 steps meets the targets (0.955 / 0.970). README "The main job and the comparison"; the recipe's
-deviations from the paper are measured in docs/research_log.md.
+0.755, subject preservation 0.807, SSIM 0.910); 3,600 steps after 1,200 autoencoder steps scored 0.823 / 0.882
+(22.9 min), and batch 48 x 3,600 steps (`tiny:batch=48`) meets the targets (0.955 / 0.970). README "The main job
+and the comparison"; the recipe's deviations from the paper are measured in docs/research_log.md.
 
-Arguments (comma-separated after the colon): `autoencoder` selects that stage; `runlocal` shrinks the run to a
-smoke test (a few steps, small batch).
+Arguments (comma-separated after the colon, e.g. `tiny:autoencoder,runlocal` or `configs/tiny.py:batch=48`):
+- `autoencoder`: that stage (default: the denoiser).
+- `runlocal`: a smoke test (6 steps, batch 8, 30 episodes).
+- `batch=N`: the global batch size (default 16; 8 with runlocal).
+- `steps=N`: the training steps (default 1,500 for the autoencoder, 3,600 for the denoiser; 6 with runlocal).
+`batch` and `steps` win over runlocal; any other key is `--config.KEY=VALUE`.
 """
 
 from ap_jax.train import config_utils
 from ap_jax.train.defaults import base_config
 
-ARGS = ("autoencoder", "runlocal")
-
 
 def get_config(arg=None):
-  args = config_utils.config_args(arg, ARGS)
+  arg = config_utils.parse_arg(arg, autoencoder=False, runlocal=False, batch=int, steps=int)
   c = base_config("tiny")
-  c.stage = "autoencoder" if "autoencoder" in args else "denoiser"
+  c.stage = "autoencoder" if arg.autoencoder else "denoiser"
   c.log_every = 10
   c.checkpoint_every = 100
   c.optim.warmup_steps = 50
@@ -62,11 +64,15 @@ def get_config(arg=None):
     # Generated frames become context at flow time 0.05 (training covers [0, 0.1]): selected on validation
     # episodes among 0 / 0.05 / 0.1 (movement accuracy 0.633 / 0.695 / 0.595 at 1,200 steps).
     c.sampling.context_noise = 0.05
-  if "runlocal" in args:
+  if arg.runlocal:
     c.total_steps = 6
     c.log_every = 1
     c.checkpoint_every = 3
     c.data.episodes = 30
     c.data.global_batch_size = 8
     c.autoencoder_crop = 0
+  if arg.batch is not None:
+    c.data.global_batch_size = arg.batch
+  if arg.steps is not None:
+    c.total_steps = arg.steps
   return c
