@@ -20,6 +20,8 @@ import pytest
 from ap_jax import cli
 from ap_jax import sample as sample_lib
 from ap_jax.train import config_utils, trainer
+from ap_jax.data import locate
+from ap_jax.train import restore as restore_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -76,19 +78,19 @@ def one_step(workdir):
                                         SMALL_AE + ONE_STEP + FAST + [f"--config.autoencoder_workdir={root}/ae"])
   path = os.path.join(root, "one_step")
   trainer.train(config, path, progress=False)
-  return path, trainer.load_trained(path)
+  return path, restore_lib.load_trained(path)
 
 
 @pytest.fixture(scope="module")
 def trained(workdir):
-  return trainer.load_trained(workdir)
+  return restore_lib.load_trained(workdir)
 
 
 @pytest.fixture(scope="module")
 def episodes(trained):
   from ap_jax.data import dataset
 
-  source = dataset.open_split(trainer.resolve_dataset(trained.config.data), "test")
+  source = dataset.open_split(locate.resolve_dataset(trained.config.data), "test")
   return [source[0], source[1]]
 
 
@@ -188,7 +190,7 @@ def test_sharded_sampling_matches_one_device(workdir, trained, sampler, episodes
   from ap_jax.train import mesh as mesh_lib
 
   mesh = mesh_lib.build_mesh(dict(data=2, fsdp=1, context=1, tensor=1), devices=jax.devices()[:2])
-  sharded_model = trainer.load_trained(workdir, mesh)
+  sharded_model = restore_lib.load_trained(workdir, mesh)
   sharded = sample_lib.Sampler.from_trained(sharded_model, mesh=mesh, rules=mesh_lib.rules_from_config(trained.config),
                                             **SAMPLER)
   inputs = [_inputs(ep, 2) for ep in episodes]
@@ -331,10 +333,9 @@ def test_too_many_steps_and_missing_split_are_clean_cli_errors(workdir, tmp_path
 
 
 def test_oracle_through_the_autoencoder_scores_its_reconstructions(workdir, tmp_path, capsys):
-  from ap_jax.train import trainer as trainer_lib
 
   ae = os.path.join(os.path.dirname(workdir), "ae")
-  data = trainer_lib.resolve_dataset(trainer_lib.load_trained(workdir).config.data)
+  data = locate.resolve_dataset(restore_lib.load_trained(workdir).config.data)
   out = str(tmp_path / "oracle_ae.json")
   assert cli.main(["eval", "--oracle", "--autoencoder", ae, "--data", data, "--split", "test", "--episodes", "2",
                    "--steps", "2", "--out", out]) == 0
