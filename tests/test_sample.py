@@ -19,8 +19,8 @@ import pytest
 
 from ap_jax import cli
 from ap_jax import sample as sample_lib
-from ap_jax.train import config_utils, trainer
 from ap_jax.data import locate
+from ap_jax.train import config_utils, trainer
 from ap_jax.train import restore as restore_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,6 +84,31 @@ def one_step(workdir):
 @pytest.fixture(scope="module")
 def trained(workdir):
   return restore_lib.load_trained(workdir)
+
+
+def test_loading_for_inference_reads_the_weights_alone(workdir, trained, monkeypatch):
+  """`load_trained` restores the EMA (or raw) parameters without building an optimizer or reading Adam's moments,
+  and they equal the ones in the whole training state restored the trainer's way."""
+  from ap_jax.train import checkpoint as checkpoint_lib
+  from ap_jax.train import mesh as mesh_lib, optim as optim_lib, stages as stages_lib, state as state_lib
+
+  config = trained.config
+  mesh, rules = mesh_lib.single_device_mesh(), mesh_lib.rules_from_config(config)
+  stage = stages_lib.build_stage(config, frozen=trained.vae_params, meta=dict(latent_shift=0.0, latent_scale=1.0))
+  tx, _ = optim_lib.build_optimizer(config.optim, int(config.total_steps))
+  _, _, abstract = state_lib.build_state(config, stage, tx, mesh, rules)
+  with checkpoint_lib.Checkpointer(workdir, read_only=True) as ckpt:
+    step, state, _ = ckpt.restore_latest(abstract)
+
+  def no_optimizer(*args, **kwargs):
+    raise AssertionError("loading for inference built an optimizer")
+
+  monkeypatch.setattr(optim_lib, "build_optimizer", no_optimizer)
+  ema, raw = restore_lib.load_trained(workdir), restore_lib.load_trained(workdir, use_ema=False)
+  assert ema.step == raw.step == step
+  for name, loaded in (("ema", ema.params), ("params", raw.params)):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(state[name]))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(ema.params), jax.device_get(trained.params))
 
 
 @pytest.fixture(scope="module")
