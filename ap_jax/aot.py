@@ -11,7 +11,7 @@ temporaries) and XLA's count of FLOPs and bytes per device, from which this modu
   MFU bound        the model's analytic FLOPs per step (ap_jax.model.flops, 2 per multiply-add, no recompute)
                    over (chips x peak x roofline step): no run on that slice can do better
 
-The training step is the trainer's own (`trainer.build_stage / build_state / build_step`: the same shardings,
+The training step is the trainer's own (`stages.build_stage`, `state.build_state / build_step`: the same shardings,
 donation and optimizer); the inputs are abstract (shapes and shardings, no data, no checkpoint), so the base config
 compiles for a 256-chip slice in minutes here. The sampling step is one denoiser evaluation of a generation window
 (context frame + `clip_steps` frames, the sampler's re-encoded layout) at `--sample-batch`, the unit an ODE step
@@ -42,7 +42,9 @@ from ap_jax.model import sharding as sharding_lib
 from ap_jax.model import vae as vae_lib
 from ap_jax.train import mesh as mesh_lib
 from ap_jax.train import optim as optim_lib
-from ap_jax.train import trainer
+from ap_jax.data import locate
+from ap_jax.train import stages as stages_lib
+from ap_jax.train import state as state_lib
 
 log = logging.getLogger("ap_jax.aot")
 
@@ -160,14 +162,14 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh) -> dict[str, Any
   frozen, meta = None, {}
   if config.stage == "denoiser":  # the frozen autoencoder as shapes; latent statistics do not change shapes
     frozen, meta = _abstract_autoencoder(config), dict(latent_shift=0.0, latent_scale=1.0)
-  stage = trainer.build_stage(config, frozen=frozen, meta=meta)
+  stage = stages_lib.build_stage(config, frozen=frozen, meta=meta)
   tx, schedule = optim_lib.build_optimizer(config.optim, int(config.total_steps))
-  _, state_shardings, abstract_state = trainer.build_state(config, stage, tx, mesh, rules)
+  _, state_shardings, abstract_state = state_lib.build_state(config, stage, tx, mesh, rules)
   start = time.time()
-  compiled, analysis, _ = trainer.build_step(config, stage, tx, schedule, mesh, rules, state_shardings,
+  compiled, analysis, _ = state_lib.build_step(config, stage, tx, schedule, mesh, rules, state_shardings,
                                              abstract_state)
-  return dict(analysis, compile_s=time.time() - start, model_flops=trainer.analytic_step_flops(config, stage),
-              global_batch=int(config.data.global_batch_size), tokens_per_example=trainer.tokens_per_example(
+  return dict(analysis, compile_s=time.time() - start, model_flops=stages_lib.analytic_step_flops(config, stage),
+              global_batch=int(config.data.global_batch_size), tokens_per_example=stages_lib.tokens_per_example(
                   config, stage), compiled=compiled, stage=stage)
 
 
@@ -182,12 +184,12 @@ def compile_sample_step(config: ml_collections.ConfigDict, mesh, batch: int) -> 
   params_shape = jax.eval_shape(lambda key: dit_lib.init(key, model_config), jax.random.PRNGKey(0))
   param_shardings = sharding_lib.tree_shardings(dit_lib.param_logical_axes(model_config), mesh, rules,
                                                 shapes=params_shape)
-  h, w = trainer.frame_hw(config)
+  h, w = locate.frame_hw(config)
   frames = int(config.data.clip_steps) + 1
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   keys = ("latents", "actions", "positions", "player_mask") + (
       ("orientations",) if model_config.dit.get("state_facing", False) else ())
-  abstract_batch = trainer.batch_shapes(config, keys, mesh, rules, batch_size=batch)
+  abstract_batch = state_lib.batch_shapes(config, keys, mesh, rules, batch_size=batch)
 
   def evaluate(params, batch_, rng):
     inputs, _, _ = dit_lib.training_inputs(model_config, batch_, rng)
@@ -203,7 +205,7 @@ def compile_sample_step(config: ml_collections.ConfigDict, mesh, batch: int) -> 
   latent_hw = flops_lib.latent_hw(model_config, (h, w))
   dit_frames = frames - (0 if model_config.dit.get("context_tokens", True) else 1)
   model_flops = flops_lib.denoiser_forward_flops(model_config, batch, dit_frames, latent_hw)["total"]
-  return dict(trainer.analyse(compiled), compile_s=time.time() - start, model_flops=model_flops, batch=batch,
+  return dict(state_lib.analyse(compiled), compile_s=time.time() - start, model_flops=model_flops, batch=batch,
               generated_frames=batch * int(config.data.clip_steps), compiled=compiled)
 
 
@@ -295,7 +297,7 @@ def run_aot(config: ml_collections.ConfigDict, topology: Topology, *, sample: bo
                                 num_slices=topology.num_slices, chips=topology.chips, device_kind=devices[0].device_kind,
                                 mesh={k: int(v) for k, v in mesh.shape.items()}, config_stage=config.stage,
                                 model=config.get("model_name"), attention_impl=config.model.dit.attention_impl,
-                                frame_hw=list(trainer.frame_hw(config)), clip_steps=int(config.data.clip_steps),
+                                frame_hw=list(locate.frame_hw(config)), clip_steps=int(config.data.clip_steps),
                                 max_players=int(config.model.max_players), jax=jax.__version__)
   scanned = (unroll_costs and config.stage == "denoiser" and config.model.dit.scan_layers
              and int(config.model.dit.depth) > 2)

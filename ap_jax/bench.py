@@ -33,6 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ap_jax import actions as A
+from ap_jax.data import locate
+from ap_jax.train import inputs as inputs_lib
+from ap_jax.train import stages as stages_lib
+from ap_jax.train import state as state_lib
 
 
 def machine() -> dict[str, Any]:
@@ -61,9 +65,7 @@ def _config(name: str, overrides: Sequence[str] = ()):
 
 def _random_batch(shapes: dict, config, rng: np.random.Generator) -> dict[str, jax.Array]:
   """A batch of the step's shapes: random latents/frames, actions, positions inside the frame, 2..P players."""
-  from ap_jax.train import trainer
-
-  h, w = trainer.frame_hw(config)
+  h, w = locate.frame_hw(config)
   out = {}
   for key, s in shapes.items():
     if key in ("latents", "frames"):
@@ -95,16 +97,16 @@ def _training_step(config_name: str, overrides: Sequence[str] = ()):
   rules = mesh_lib.rules_from_config(config)
   mesh_lib.check_batch(int(config.data.global_batch_size), mesh, rules)
   vae_params = jax.jit(lambda key: vae_lib.vae_init(key, config.model))(jax.random.PRNGKey(1))  # one compile
-  stage = trainer.build_stage(config, frozen=vae_params, meta=dict(latent_shift=0.0, latent_scale=1.0))
+  stage = stages_lib.build_stage(config, frozen=vae_params, meta=dict(latent_shift=0.0, latent_scale=1.0))
   tx, schedule = optim_lib.build_optimizer(config.optim, int(config.total_steps))
-  init_fn, shardings, abstract = trainer.build_state(config, stage, tx, mesh, rules)
+  init_fn, shardings, abstract = state_lib.build_state(config, stage, tx, mesh, rules)
   start = time.perf_counter()
-  step_fn, analysis, frozen_shardings = trainer.build_step(config, stage, tx, schedule, mesh, rules, shardings,
+  step_fn, analysis, frozen_shardings = state_lib.build_step(config, stage, tx, schedule, mesh, rules, shardings,
                                                            abstract)
   compile_s = time.perf_counter() - start
   state = init_fn(jax.random.PRNGKey(0))
   frozen = jax.device_put(vae_params, frozen_shardings)
-  batch = _random_batch(trainer.batch_shapes(config, stage.batch_keys, mesh, rules), config, np.random.default_rng(0))
+  batch = _random_batch(state_lib.batch_shapes(config, stage.batch_keys, mesh, rules), config, np.random.default_rng(0))
   holder = [state]
 
   def one_step():
@@ -117,23 +119,22 @@ def _training_step(config_name: str, overrides: Sequence[str] = ()):
 def step_benchmark(config_name: str, overrides: Sequence[str] = (), *, repeats: int = 5, inner: int = 5) -> dict:
   """One row: the denoiser training step of `config_name` (with `overrides`) on this process's devices."""
   from ap_jax.model import layers as layers_lib
-  from ap_jax.train import trainer
 
   config, stage, mesh, abstract, _, analysis, compile_s, one_step = _training_step(config_name, overrides)
   one_step()  # warm-up
   seconds = median_seconds(one_step, repeats=repeats, inner=inner)
   b = int(config.data.global_batch_size)
-  flops = trainer.analytic_step_flops(config, stage)
+  flops = stages_lib.analytic_step_flops(config, stage)
   device = jax.devices()[0]
-  peak = trainer.peak_flops(device)
+  peak = state_lib.peak_flops(device)
   memory = (analysis.get("memory_bytes_per_device") or {}).get("total")
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   return dict(config=config_name, overrides=list(overrides), batch=b, clip_steps=int(config.data.clip_steps),
-              frame_hw=list(trainer.frame_hw(config)), subject_tokens=bool(config.model.dit.subject_tokens),
+              frame_hw=list(locate.frame_hw(config)), subject_tokens=bool(config.model.dit.subject_tokens),
               dtype=str(config.model.dit.get("dtype", "float32")), devices=mesh.devices.size,
               parameters=layers_lib.count_params(abstract["params"]),
               step_s=seconds, examples_per_s=b / seconds,
-              tokens_per_s=b * trainer.tokens_per_example(config, stage) / seconds,
+              tokens_per_s=b * stages_lib.tokens_per_example(config, stage) / seconds,
               flops_per_step=flops, achieved_flops_per_s=flops / seconds,
               mfu=(flops / mesh.devices.size / seconds / peak) if peak else None, compile_s=compile_s,
               compiled_memory_bytes=memory,
@@ -243,9 +244,7 @@ def pipeline_clips_per_second(source, *, batch: int, clip_steps: int, workers: i
       next(it)
     return batches * batch / (time.perf_counter() - start)
   finally:
-    from ap_jax.train import trainer
-
-    trainer.close_iterator(it)
+    inputs_lib.close_iterator(it)
 
 
 def game_steps_per_second(episodes: int, steps: int, grid: int, players: int, repeats: int = 3) -> dict:
@@ -303,13 +302,13 @@ def sampling_benchmark(config_name: str = "tiny", overrides: Sequence[str] = (),
   config = _config(config_name, overrides)
   config.stage = "denoiser"
   vae_params = jax.jit(lambda key: vae_lib.vae_init(key, config.model))(jax.random.PRNGKey(1))  # one compile
-  stage = trainer.build_stage(config, frozen=vae_params, meta=dict(latent_shift=0.0, latent_scale=1.0))
+  stage = stages_lib.build_stage(config, frozen=vae_params, meta=dict(latent_shift=0.0, latent_scale=1.0))
   params = jax.jit(lambda key: dit_lib.init(key, stage.model_config))(jax.random.PRNGKey(0))
   base = dict(players=4, denoise_steps=10, batch=1, use_cache=True)
   if grid is None:
     grid = ([dict(base, players=p) for p in (1, 2, 4, 7)] + [dict(base, denoise_steps=k) for k in (1, 2, 4)]
             + [dict(base, batch=8), dict(base, use_cache=False)])
-  h, w = trainer.frame_hw(config)
+  h, w = locate.frame_hw(config)
   rng = np.random.default_rng(0)
   rows = []
   for mesh_text in meshes:
@@ -359,7 +358,6 @@ def peer_benchmark(config_name: str, overrides: Sequence[str] = (), *, repeats: 
   from diffusers import WanTransformer3DModel
 
   from ap_jax.model import config as model_config_lib
-  from ap_jax.train import trainer
 
   config = _config(config_name, overrides)
   dit = config.model.dit
@@ -367,7 +365,7 @@ def peer_benchmark(config_name: str, overrides: Sequence[str] = (), *, repeats: 
     raise ValueError(f"model.dit.dtype = {dit.dtype}: the peer comparison runs float32 on both sides (pass "
                      "--config.model.dit.dtype=float32)")
   b, comp = int(config.data.global_batch_size), model_config_lib.compression(config.model)
-  h, w = (v // comp for v in trainer.frame_hw(config))
+  h, w = (v // comp for v in locate.frame_hw(config))
   patch, width, heads = int(dit.patch_size), int(dit.width), int(dit.heads)
   off = step_benchmark(config_name, list(overrides) + ["--config.model.dit.subject_tokens=false"], repeats=repeats,
                        inner=inner)

@@ -266,10 +266,10 @@ def _add_sampler_flags(p, workdir_required: bool = True):
 
 def _load_for_sampling(args):
   """(TrainedModel, sampler keyword arguments) from the common flags."""
-  from ap_jax.train import mesh as mesh_lib, trainer
+  from ap_jax.train import mesh as mesh_lib, restore
 
   mesh = mesh_lib.mesh_from_spec(args.mesh) if args.mesh else None
-  trained = trainer.load_trained(args.workdir, mesh)
+  trained = restore.load_trained(args.workdir, mesh)
   kwargs = dict(sampler=args.sampler, denoise_steps=args.denoise_steps, chunk=args.chunk, guidance=args.guidance,
                 context_noise=args.context_noise, reencode=args.reencode)
   if args.snap_px is not None:
@@ -406,9 +406,9 @@ def cmd_eval(args) -> int:
     if len(chosen) > 1:
       raise ValueError(f"{' and '.join(chosen)} each choose the episodes to score: give one of them")
     if args.heldout:
-      from ap_jax.train import trainer
+      from ap_jax.data import locate
 
-      args.data = trainer.resolve_dataset(trained.config.data, heldout=True)
+      args.data = locate.resolve_dataset(trained.config.data, heldout=True)
     if args.data:
       cases = evaluate.dataset_dir_cases(args.data, args.split, range(args.episodes), args.steps)
       evaluate.check_frame_size(trained.config, cases)
@@ -626,12 +626,12 @@ def main(argv: list[str] | None = None) -> int:
     return 128 + (signal.SIGTERM if name == "SIGTERM" else signal.SIGINT)
   except Exception as e:
     from ap_jax.train import checkpoint as _checkpoint
-    from ap_jax.train import trainer as _trainer  # TrainError and Stopped live there
+    from ap_jax.train import errors as _errors
 
-    if isinstance(e, _trainer.Stopped):
+    if isinstance(e, _errors.Stopped):
       print(f"ap-jax {args.command}: {e}", file=sys.stderr)
       return 128 + int(getattr(signal, e.signal_name, signal.SIGTERM))
-    if not isinstance(e, (ValueError, FileExistsError, FileNotFoundError, _trainer.TrainError,
+    if not isinstance(e, (ValueError, FileExistsError, FileNotFoundError, _errors.TrainError,
                           _checkpoint.CheckpointError)):
       raise
 

@@ -20,6 +20,9 @@ from typing import Any, Sequence
 
 from ap_jax.data import dataset as dataset_lib
 from ap_jax.data import tfds_builder
+from ap_jax.data import locate
+from ap_jax.train import restore as restore_lib
+from ap_jax.train import trainer
 
 log = logging.getLogger("ap_jax.demo")
 
@@ -67,8 +70,6 @@ def train_stages(out: str, data_dir: str | None, *, ae_steps: int, dit_steps: in
                  dit_name: str = "dit", progress: bool = True, base: str = TINY) -> tuple[str, str, dict]:
   """Trains (or resumes, or skips when finished) the autoencoder and one denoiser of config `base` on the dataset
   at `data_dir` (None: the dataset `base` names, generated on first use). Returns workdirs + seconds."""
-  from ap_jax.train import trainer
-
   data = [] if data_dir is None else ["--config.data.source=dir", f"--config.data.dir={data_dir}"]
   ae_dir, dit_dir = os.path.join(out, "ae"), os.path.join(out, dit_name)
   seconds = {}
@@ -96,7 +97,6 @@ def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps:
   """The main job on the built-in game; returns (and writes) `results.json`'s contents."""
   from ap_jax import evaluate, viz
   from ap_jax.eval import metrics
-  from ap_jax.train import trainer
 
   os.makedirs(out, exist_ok=True)
   seconds: dict[str, float] = {}
@@ -111,7 +111,7 @@ def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps:
   seconds.update(train_seconds)
   log.info("[demo 2/4] trained the autoencoder (%s) and the denoiser (%s)", ae_dir, dit_dir)
 
-  trained = trainer.load_trained(dit_dir)
+  trained = restore_lib.load_trained(dit_dir)
   sampler = _sampler(trained, denoise_steps)
   start = time.time()
   [case] = evaluate.fresh_builtin_cases(trained.config, (4, 4), 1, eval_steps)
@@ -158,7 +158,6 @@ def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 800, dit_s
   Melting Pot variant also on `eval_episodes` of the test split and of the held-out substrates
   (`data.heldout_substrates`), whole episodes."""
   from ap_jax import evaluate
-  from ap_jax.train import trainer
 
   names = list(variants or VARIANTS)
   unknown = [n for n in names if n not in VARIANTS]
@@ -181,13 +180,13 @@ def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 800, dit_s
     _, dit_dir, _ = train_stages(out, data_dir, ae_steps=ae_steps, dit_steps=dit_steps, base=config,
                                  dit_overrides=VARIANTS[name], dit_name=f"dit_{name}", progress=progress)
     train_s = time.time() - start
-    trained = trainer.load_trained(dit_dir)
+    trained = restore_lib.load_trained(dit_dir)
     start = time.time()
     cases = evaluate.fresh_cases(trained.config, eval_players, episodes_per_count, eval_steps)
     results = evaluate.evaluate(trained, cases, seed=seed, batch_size=8, denoise_steps=denoise_steps)
     if meltingpot:  # also the dataset's own test split, and the substrates held out of training
-      for key, path in (("test_split", trainer.resolve_dataset(trained.config.data)),
-                        ("heldout", trainer.resolve_dataset(trained.config.data, heldout=True))):
+      for key, path in (("test_split", locate.resolve_dataset(trained.config.data)),
+                        ("heldout", locate.resolve_dataset(trained.config.data, heldout=True))):
         more = evaluate.dataset_dir_cases(path, "test", range(eval_episodes), None)
         results[key] = evaluate.evaluate(trained, more, seed=seed, batch_size=8, denoise_steps=denoise_steps)
     results["seconds"] = dict(train=train_s, evaluate=time.time() - start)

@@ -26,6 +26,8 @@ import numpy as np
 
 from ap_jax import actions as A
 from ap_jax import sample as sample_lib
+from ap_jax.data import locate
+from ap_jax.train import restore as restore_lib
 
 log = logging.getLogger("ap_jax.evaluate")
 
@@ -91,13 +93,11 @@ def case_from_episode(episode: dict[str, Any], steps: int | None, name: str) -> 
 
 
 def dataset_cases(config, split: str, indices: Sequence[int], steps: int | None) -> list[Case]:
-  """Episodes `indices` of `split` of the training config's dataset (`trainer.resolve_dataset`)."""
-  from ap_jax.train import trainer
-
+  """Episodes `indices` of `split` of the training config's dataset (`locate.resolve_dataset`)."""
   if config.data.source == "live":
     raise EvalError("the model was trained on live built-in episodes (data.source = 'live'), which have no stored "
                     "splits: use `--players MIN-MAX` (fresh held-out episodes) or an action file instead")
-  return dataset_dir_cases(trainer.resolve_dataset(config.data), split, indices, steps)
+  return dataset_dir_cases(locate.resolve_dataset(config.data), split, indices, steps)
 
 
 def dataset_dir_cases(path: str, split: str, indices: Sequence[int], steps: int | None) -> list[Case]:
@@ -115,9 +115,7 @@ def dataset_dir_cases(path: str, split: str, indices: Sequence[int], steps: int 
 
 def check_frame_size(config, cases: Sequence[Case]) -> None:
   """Cases from another dataset must have the frame size the model was trained on."""
-  from ap_jax.train import trainer
-
-  hw = tuple(trainer.frame_hw(config))
+  hw = tuple(locate.frame_hw(config))
   for case in cases:
     if tuple(case.frame.shape[:2]) != hw:
       raise EvalError(f"{case.name}: frames are {case.frame.shape[0]} x {case.frame.shape[1]} px, but the model was "
@@ -127,9 +125,8 @@ def check_frame_size(config, cases: Sequence[Case]) -> None:
 def game_config(config):
   """The built-in game's GameConfig for frames of the size the model was trained on."""
   from ap_jax.eval import replay
-  from ap_jax.train import trainer
 
-  return replay.builtin_config(trainer.frame_hw(config), int(config.data.cell_size))
+  return replay.builtin_config(locate.frame_hw(config), int(config.data.cell_size))
 
 
 def case_from_action_file(config, path: str, steps: int | None) -> Case:
@@ -150,10 +147,9 @@ def case_from_action_file(config, path: str, steps: int | None) -> Case:
   if source == "meltingpot":
     if "substrate" not in meta:
       raise action_files.ActionFileError(f"{path}: source 'meltingpot' needs a 'substrate'")
-    from ap_jax.train import trainer
 
     try:
-      truth = replay.replay_meltingpot(str(meta["substrate"]), seed, actions, trainer.frame_hw(config))
+      truth = replay.replay_meltingpot(str(meta["substrate"]), seed, actions, locate.frame_hw(config))
     except ImportError as e:
       raise EvalError(f"{path} asks for Melting Pot, which is not installed ({e}); install the meltingpot extra") \
           from e
@@ -206,7 +202,6 @@ def fresh_meltingpot_cases(config, players: tuple[int, int], episodes_per_count:
   [MIN, MAX] that at least one of them allows (counts none allows are skipped, and logged), `steps` actions long,
   from seeds `generation_seed + FRESH_SEED_OFFSET + ...`: a dataset per count, generated into the cache once."""
   from ap_jax.data import meltingpot_substrates
-  from ap_jax.train import trainer
 
   if config.data.source != "meltingpot":
     raise EvalError(f"fresh Melting Pot episodes need a model trained on data.source = 'meltingpot', not "
@@ -216,7 +211,7 @@ def fresh_meltingpot_cases(config, players: tuple[int, int], episodes_per_count:
     raise EvalError(f"--players {lo}-{hi}, expected 1 <= MIN <= MAX <= {A.MAX_PLAYERS}")
   if steps < 1 or episodes_per_count < 1:
     raise EvalError(f"steps {steps}, episodes per count {episodes_per_count}: expected at least 1 of each")
-  spec = trainer.generation_spec(config.data)
+  spec = locate.generation_spec(config.data)
   cases = []
   for n in range(lo, hi + 1):
     substrates = tuple(s for s in spec.substrates if n in meltingpot_substrates.player_counts(s))
@@ -228,7 +223,7 @@ def fresh_meltingpot_cases(config, players: tuple[int, int], episodes_per_count:
       total += 1
     fresh = dataclasses.replace(spec, substrates=substrates, players=(n, n), steps=steps, episodes=total,
                                 seed=spec.seed + FRESH_SEED_OFFSET + 1000 * n)
-    path = trainer.cached_dataset(fresh)
+    path = locate.cached_dataset(fresh)
     cases += [dataclasses.replace(c, name=f"fresh:{n}p:{c.seed}")
               for c in dataset_dir_cases(path, "train", range(episodes_per_count), steps)]
   if not cases:
@@ -359,7 +354,6 @@ def autoencoder_reconstructor(workdir: str):
   from ap_jax.model import vae as vae_lib
   from ap_jax.train import checkpoint as checkpoint_lib
   from ap_jax.train import mesh as mesh_lib
-  from ap_jax.train import trainer
 
   with checkpoint_lib.Checkpointer(workdir, read_only=True) as ckpt:
     found = ckpt.latest_meta()
@@ -368,7 +362,7 @@ def autoencoder_reconstructor(workdir: str):
                     "an autoencoder config)")
   config = ml_collections.ConfigDict(found[1]["config"])
   config.autoencoder_workdir = workdir
-  params, _ = trainer.load_autoencoder(config, mesh_lib.single_device_mesh(), mesh_lib.rules_from_config(config))
+  params, _ = restore_lib.load_autoencoder(config, mesh_lib.single_device_mesh(), mesh_lib.rules_from_config(config))
   model = config.model
   code = jax.jit(lambda x: vae_lib.vae_decode(params, model, vae_lib.vae_encode(params, model, x)))
 

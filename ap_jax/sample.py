@@ -43,7 +43,7 @@ expect: index 0 is the conditioning frame, 1..N are generated.
 
 Sharding: with a mesh, rollouts are laid out over the mesh axes `batch` maps to (data, fsdp) and the denoiser
 traces under `sharding.logical_sharding`, so its activations are constrained as in training; parameters keep the
-shardings they were loaded with (`trainer.load_trained(workdir, mesh, rules)` lays them out by `sharding.tree_shardings`).
+shardings they were loaded with (`restore.load_trained(workdir, mesh, rules)` lays them out by `sharding.tree_shardings`).
 The batch is padded to a multiple of the batch shards with copies of rollout 0, whose results are dropped.
 """
 
@@ -66,6 +66,7 @@ from ap_jax.model import dit as dit_lib
 from ap_jax.model import flow as flow_lib
 from ap_jax.model import sharding as sharding_lib
 from ap_jax.model import vae as vae_lib
+from ap_jax.train import restore as restore_lib
 
 log = logging.getLogger("ap_jax.sample")
 
@@ -152,7 +153,7 @@ class Sampler:
 
   @classmethod
   def from_trained(cls, trained, **kwargs) -> "Sampler":
-    """A sampler for `trainer.load_trained(...)`'s TrainedModel. Defaults follow its training layout: the window
+    """A sampler for `restore.load_trained(...)`'s TrainedModel. Defaults follow its training layout: the window
     is the training clip (clip_steps + 1 frames); snap_px and context_noise are the config's `sampling` ones; the chunk is clip_steps frames when the model was trained with
     one shared time over its target frames (then every chunk sees what training showed: one clean context frame
     and clip_steps frames at one noise level), and 1 frame when it was trained with independent frame times

@@ -33,11 +33,11 @@ def train_command(workdir: str, total: int, extra=()) -> list[str]:
 
 def logged_losses(workdir: str) -> dict[int, list[float]]:
   """Every logged loss per step (a resumed run logs again the steps after its checkpoint); torn lines skipped."""
-  from ap_jax.train import trainer
+  from ap_jax.train import telemetry
 
   path = os.path.join(workdir, "metrics.jsonl")
   out: dict[int, list[float]] = {}
-  for rec in trainer.read_metrics(path) if os.path.exists(path) else []:
+  for rec in telemetry.read_metrics(path) if os.path.exists(path) else []:
     out.setdefault(int(rec["step"]), []).append(rec["loss"])
   return out
 

@@ -188,10 +188,10 @@ def score(workdir: str, path: str, per_count: int, steps: int, denoise_steps: in
   """Scores a trained arm on fresh 1-8 player episodes (the comparison's cases and seeds)."""
   logging.basicConfig(level=logging.INFO)
   from ap_jax import evaluate
-  from ap_jax.train import trainer
+  from ap_jax.train import restore
 
   t0 = time.time()
-  trained = trainer.load_trained(workdir)
+  trained = restore.load_trained(workdir)
   cases = evaluate.fresh_builtin_cases(trained.config, (1, 8), per_count, steps)
   results = evaluate.evaluate(trained, cases, seed=0, batch_size=8, denoise_steps=denoise_steps)
   out = {k: results.get(k) for k in KEYS}

@@ -19,7 +19,9 @@ import pytest
 
 from ap_jax import cli
 from ap_jax import sample as sample_lib
+from ap_jax.data import locate
 from ap_jax.train import config_utils, trainer
+from ap_jax.train import restore as restore_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -76,19 +78,44 @@ def one_step(workdir):
                                         SMALL_AE + ONE_STEP + FAST + [f"--config.autoencoder_workdir={root}/ae"])
   path = os.path.join(root, "one_step")
   trainer.train(config, path, progress=False)
-  return path, trainer.load_trained(path)
+  return path, restore_lib.load_trained(path)
 
 
 @pytest.fixture(scope="module")
 def trained(workdir):
-  return trainer.load_trained(workdir)
+  return restore_lib.load_trained(workdir)
+
+
+def test_loading_for_inference_reads_the_weights_alone(workdir, trained, monkeypatch):
+  """`load_trained` restores the EMA (or raw) parameters without building an optimizer or reading Adam's moments,
+  and they equal the ones in the whole training state restored the trainer's way."""
+  from ap_jax.train import checkpoint as checkpoint_lib
+  from ap_jax.train import mesh as mesh_lib, optim as optim_lib, stages as stages_lib, state as state_lib
+
+  config = trained.config
+  mesh, rules = mesh_lib.single_device_mesh(), mesh_lib.rules_from_config(config)
+  stage = stages_lib.build_stage(config, frozen=trained.vae_params, meta=dict(latent_shift=0.0, latent_scale=1.0))
+  tx, _ = optim_lib.build_optimizer(config.optim, int(config.total_steps))
+  _, _, abstract = state_lib.build_state(config, stage, tx, mesh, rules)
+  with checkpoint_lib.Checkpointer(workdir, read_only=True) as ckpt:
+    step, state, _ = ckpt.restore_latest(abstract)
+
+  def no_optimizer(*args, **kwargs):
+    raise AssertionError("loading for inference built an optimizer")
+
+  monkeypatch.setattr(optim_lib, "build_optimizer", no_optimizer)
+  ema, raw = restore_lib.load_trained(workdir), restore_lib.load_trained(workdir, use_ema=False)
+  assert ema.step == raw.step == step
+  for name, loaded in (("ema", ema.params), ("params", raw.params)):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(state[name]))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(ema.params), jax.device_get(trained.params))
 
 
 @pytest.fixture(scope="module")
 def episodes(trained):
   from ap_jax.data import dataset
 
-  source = dataset.open_split(trainer.resolve_dataset(trained.config.data), "test")
+  source = dataset.open_split(locate.resolve_dataset(trained.config.data), "test")
   return [source[0], source[1]]
 
 
@@ -188,7 +215,7 @@ def test_sharded_sampling_matches_one_device(workdir, trained, sampler, episodes
   from ap_jax.train import mesh as mesh_lib
 
   mesh = mesh_lib.build_mesh(dict(data=2, fsdp=1, context=1, tensor=1), devices=jax.devices()[:2])
-  sharded_model = trainer.load_trained(workdir, mesh)
+  sharded_model = restore_lib.load_trained(workdir, mesh)
   sharded = sample_lib.Sampler.from_trained(sharded_model, mesh=mesh, rules=mesh_lib.rules_from_config(trained.config),
                                             **SAMPLER)
   inputs = [_inputs(ep, 2) for ep in episodes]
@@ -331,10 +358,9 @@ def test_too_many_steps_and_missing_split_are_clean_cli_errors(workdir, tmp_path
 
 
 def test_oracle_through_the_autoencoder_scores_its_reconstructions(workdir, tmp_path, capsys):
-  from ap_jax.train import trainer as trainer_lib
 
   ae = os.path.join(os.path.dirname(workdir), "ae")
-  data = trainer_lib.resolve_dataset(trainer_lib.load_trained(workdir).config.data)
+  data = locate.resolve_dataset(restore_lib.load_trained(workdir).config.data)
   out = str(tmp_path / "oracle_ae.json")
   assert cli.main(["eval", "--oracle", "--autoencoder", ae, "--data", data, "--split", "test", "--episodes", "2",
                    "--steps", "2", "--out", out]) == 0

@@ -22,6 +22,12 @@ from ap_jax.model import vae as vae_lib
 from benchmarks import crash_soak
 from ap_jax.train import checkpoint as checkpoint_lib
 from ap_jax.train import config_utils, mesh as mesh_lib, optim as optim_lib, trainer
+from ap_jax.data import locate
+from ap_jax.train import inputs as inputs_lib
+from ap_jax.train import restore as restore_lib
+from ap_jax.train import stages as stages_lib
+from ap_jax.train import state as state_lib
+from ap_jax.train import telemetry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -67,8 +73,8 @@ def _one_step(config, stage, devices, batch_np, steps=2):
   mesh = mesh_lib.build_mesh(config.mesh, devices=devices)
   rules = mesh_lib.rules_from_config(config)
   tx, schedule = optim_lib.build_optimizer(config.optim, int(config.total_steps))
-  init_fn, state_sh, abstract = trainer.build_state(config, stage, tx, mesh, rules)
-  step_fn, _, frozen_sh = trainer.build_step(config, stage, tx, schedule, mesh, rules, state_sh, abstract)
+  init_fn, state_sh, abstract = state_lib.build_state(config, stage, tx, mesh, rules)
+  step_fn, _, frozen_sh = state_lib.build_step(config, stage, tx, schedule, mesh, rules, state_sh, abstract)
   state = init_fn(jax.random.PRNGKey(0))
   frozen = jax.device_put(stage.frozen, frozen_sh) if stage.frozen is not None else None
   batch_sh = mesh_lib.batch_sharding(mesh, rules)
@@ -87,8 +93,8 @@ def test_sharded_denoiser_step_matches_single_device(mesh):
   config = make_config("runlocal", SMALL_DIT + EQUIVALENCE + [f"--config.mesh.{k}={v}" for k, v in
                                                 dict(dict(data=1, fsdp=1, context=1, tensor=1), **mesh).items()])
   vae_params = vae_lib.vae_init(jax.random.PRNGKey(1), config.model)
-  stage = trainer.build_stage(config, frozen=vae_params, meta=dict(latent_shift=0.0, latent_scale=1.0))
-  batch = next(trainer.build_data(config))
+  stage = stages_lib.build_stage(config, frozen=vae_params, meta=dict(latent_shift=0.0, latent_scale=1.0))
+  batch = next(inputs_lib.build_data(config))
   single_cfg = make_config("runlocal", SMALL_DIT + EQUIVALENCE)  # mesh data=-1 over one device
   ref_losses, ref_params, _ = _one_step(single_cfg, stage, jax.devices()[:1], batch)
   losses, params, state = _one_step(config, stage, jax.devices(), batch)
@@ -106,8 +112,8 @@ def test_sharded_denoiser_step_matches_single_device(mesh):
 
 def test_sharded_autoencoder_step_matches_single_device():
   config = make_config(overrides=["--config.mesh.data=1", "--config.mesh.fsdp=8"] + EQUIVALENCE)
-  stage = trainer.build_stage(config)
-  batch = next(trainer.build_data(config))
+  stage = stages_lib.build_stage(config)
+  batch = next(inputs_lib.build_data(config))
   ref_losses, ref_params, _ = _one_step(make_config(overrides=EQUIVALENCE), stage, jax.devices()[:1], batch)
   losses, params, _ = _one_step(config, stage, jax.devices(), batch)
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
@@ -121,12 +127,12 @@ def test_cached_latents_match_encoding_each_batch():
   cached = make_config("runlocal", SMALL_DIT + ["--config.data.cache_latents=true"])
   vae_params = vae_lib.vae_init(jax.random.PRNGKey(1), config.model)
   meta = dict(latent_shift=0.1, latent_scale=2.0)
-  stage, cached_stage = (trainer.build_stage(c, frozen=vae_params, meta=meta) for c in (config, cached))
+  stage, cached_stage = (stages_lib.build_stage(c, frozen=vae_params, meta=meta) for c in (config, cached))
   assert "latents" in cached_stage.batch_keys and "frames" not in cached_stage.batch_keys
-  latents = trainer.encode_source(trainer.open_source(config), vae_params, stage.model_config, batch_frames=40,
+  latents = inputs_lib.encode_source(inputs_lib.open_source(config), vae_params, stage.model_config, batch_frames=40,
                                   progress=False)
-  batch = next(trainer.build_data(config))  # the same clips, carrying frames
-  cached_batch = next(trainer.build_data(config, latents=latents))
+  batch = next(inputs_lib.build_data(config))  # the same clips, carrying frames
+  cached_batch = next(inputs_lib.build_data(config, latents=latents))
   assert "frames" not in cached_batch
   np.testing.assert_array_equal(cached_batch["start"], batch["start"])
   expect = vae_lib.vae_encode(vae_params, stage.model_config, batch["frames"])
@@ -225,13 +231,13 @@ def test_damaged_checkpoint_is_skipped_for_the_previous_one(straight_run, tmp_pa
 
 def test_restore_on_a_different_device_count(tmp_path):
   config = make_config(overrides=["--config.mesh.data=1", "--config.mesh.fsdp=8"])
-  stage = trainer.build_stage(config)
+  stage = stages_lib.build_stage(config)
   rules = mesh_lib.rules_from_config(config)
   tx, _ = optim_lib.build_optimizer(config.optim, 10)
   mesh8 = mesh_lib.build_mesh(config.mesh)
-  init_fn, _, _ = trainer.build_state(config, stage, tx, mesh8, rules)
+  init_fn, _, _ = state_lib.build_state(config, stage, tx, mesh8, rules)
   state = init_fn(jax.random.PRNGKey(3))
-  data_iter = trainer.build_data(config)
+  data_iter = inputs_lib.build_data(config)
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(1, state, data_iter, {"fingerprint": "x"})
   ckpt.wait()
@@ -239,9 +245,9 @@ def test_restore_on_a_different_device_count(tmp_path):
   for devices, mesh_cfg in ((jax.devices()[:1], dict(data=1, fsdp=1)), (jax.devices()[:4], dict(data=2, fsdp=2))):
     cfg = make_config(overrides=[f"--config.mesh.{k}={v}" for k, v in mesh_cfg.items()])
     mesh = mesh_lib.build_mesh(cfg.mesh, devices=devices)
-    _, _, abstract = trainer.build_state(cfg, stage, tx, mesh, rules)
+    _, _, abstract = state_lib.build_state(cfg, stage, tx, mesh, rules)
     step, restored, _ = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False).restore_latest(
-        abstract, trainer.build_data(cfg))
+        abstract, inputs_lib.build_data(cfg))
     assert step == 1
     leaf = jax.tree.leaves(restored["params"])[0]
     assert leaf.sharding.mesh.devices.size == len(devices)
@@ -343,7 +349,7 @@ def test_readers_never_modify_a_workdir(tmp_path):
   before = _tree_listing(workdir)
   config = make_config("runlocal", [f"--config.autoencoder_workdir={workdir}"])
   mesh = mesh_lib.build_mesh(config.mesh, devices=jax.devices()[:1])
-  params, meta = trainer.load_autoencoder(config, mesh, mesh_lib.rules_from_config(config))
+  params, meta = restore_lib.load_autoencoder(config, mesh, mesh_lib.rules_from_config(config))
   assert meta["step"] == 4 and jax.tree.leaves(params)
   assert _tree_listing(workdir) == before, "a reader changed the workdir"
   # Missing paths are named as missing, and nothing is created.
@@ -355,11 +361,11 @@ def test_readers_never_modify_a_workdir(tmp_path):
     assert cli.main(command) == 2
     assert not os.path.exists(tmp_path / "typo")
   with pytest.raises(trainer.TrainError, match="does not exist"):
-    trainer.load_trained(str(tmp_path / "typo"))
+    restore_lib.load_trained(str(tmp_path / "typo"))
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(trainer.TrainError, match="holds no checkpoint yet"):
-    trainer.load_trained(str(empty))
+    restore_lib.load_trained(str(empty))
   assert os.listdir(empty) == []
   missing_ae = make_config("runlocal", [f"--config.autoencoder_workdir={tmp_path / 'no_ae'}"])
   with pytest.raises(trainer.TrainError, match="autoencoder_workdir .*no_ae does not exist"):
@@ -381,7 +387,7 @@ def test_reading_while_a_run_saves_every_step_does_not_disturb_it(straight_run, 
     while proc.poll() is None:
       if os.path.isdir(os.path.join(workdir, "checkpoints")):
         try:
-          trainer.load_autoencoder(config, mesh, rules)
+          restore_lib.load_autoencoder(config, mesh, rules)
           reads += 1
         except trainer.TrainError as e:
           assert "holds no checkpoint yet" in str(e) or "no checkpoint restores cleanly" in str(e), str(e)
@@ -479,14 +485,14 @@ def test_nan_loss_names_the_checkpoint_that_was_verified(tmp_path):
 
 
 def test_sigterm_during_set_up_stops_before_the_first_step(tmp_path, monkeypatch):
-  real = trainer.build_step
+  real = state_lib.build_step
 
   def build_step_then_sigterm(*args, **kwargs):
     out = real(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGTERM)  # arrives while the step compiles: before the loop
     return out
 
-  monkeypatch.setattr(trainer, "build_step", build_step_then_sigterm)
+  monkeypatch.setattr(state_lib, "build_step", build_step_then_sigterm)
   summary = trainer.train(make_config(overrides=["--config.total_steps=5"]), str(tmp_path / "t"), progress=False)
   assert summary["stopped_by"] == "SIGTERM" and summary["end_step"] == 0
   assert checkpoint_lib.Checkpointer(str(tmp_path / "t"), read_only=True).all_steps() == []
@@ -502,9 +508,9 @@ def test_denoisers_on_one_autoencoder_share_the_encoded_latents(tmp_path, cache_
   [cached] = os.listdir(os.path.join(cache_dir, "latents"))
   table = np.load(os.path.join(cache_dir, "latents", cached))
   encodes = []
-  real = trainer.encode_source
+  real = inputs_lib.encode_source
   with pytest.MonkeyPatch.context() as m:
-    m.setattr(trainer, "encode_source", lambda *a, **k: encodes.append(1) or real(*a, **k))
+    m.setattr(inputs_lib, "encode_source", lambda *a, **k: encodes.append(1) or real(*a, **k))
     # Another variant of the denoiser on the same autoencoder and data: reads the table, encodes nothing, and
     # trains on the same clips (its first loss equals the first run's).
     second = trainer.train(make_config("runlocal", dit), str(tmp_path / "b"), progress=False)
@@ -513,7 +519,7 @@ def test_denoisers_on_one_autoencoder_share_the_encoded_latents(tmp_path, cache_
     trainer.train(make_config(overrides=["--config.total_steps=4"]), ae_dir, progress=False)
     trainer.train(make_config("runlocal", dit), str(tmp_path / "c"), progress=False)
     assert encodes == [1] and len(os.listdir(os.path.join(cache_dir, "latents"))) == 2
-  assert table.shape[0] == len(trainer.open_source(make_config("runlocal", dit)))
+  assert table.shape[0] == len(inputs_lib.open_source(make_config("runlocal", dit)))
 
 
 @pytest.mark.slow  # trains an autoencoder, then starts a denoiser run
@@ -524,7 +530,7 @@ def test_sigterm_while_encoding_latents_stops_before_the_encoding_ends(tmp_path,
   trainer.train(make_config(overrides=["--config.total_steps=2"]), ae_dir, progress=False)
   config = make_config("runlocal", SMALL_DIT + ["--config.data.cache_latents=true", "--config.total_steps=5",
                                                 f"--config.autoencoder_workdir={ae_dir}"])
-  real, reads = trainer.encode_source, []
+  real, reads = inputs_lib.encode_source, []
 
   class SignalOnThirdRead:  # the source the encoder reads: SIGTERM arrives while its first call is assembled
     def __init__(self, source):
@@ -539,14 +545,14 @@ def test_sigterm_while_encoding_latents_stops_before_the_encoding_ends(tmp_path,
         os.kill(os.getpid(), signal.SIGTERM)
       return self.source[index]
 
-  monkeypatch.setattr(trainer, "encode_source", lambda source, *a, **k: real(SignalOnThirdRead(source), *a, **k))
+  monkeypatch.setattr(inputs_lib, "encode_source", lambda source, *a, **k: real(SignalOnThirdRead(source), *a, **k))
   summary = trainer.train(config, str(tmp_path / "dit"), progress=False)
   assert summary["stopped_by"] == "SIGTERM" and summary["end_step"] == 0
   per_call = 128 // 17  # episodes per encoder call (17 frames each)
-  assert len(reads) == 1 + per_call < len(trainer.open_source(config)), "the encoding went on past its first call"
+  assert len(reads) == 1 + per_call < len(inputs_lib.open_source(config)), "the encoding went on past its first call"
   assert checkpoint_lib.Checkpointer(str(tmp_path / "dit"), read_only=True).all_steps() == []
   # Asked with a stop already pending, encode_source does no work at all.
-  assert trainer.encode_source(trainer.open_source(config), None, None, should_stop=lambda: True) is None
+  assert inputs_lib.encode_source(inputs_lib.open_source(config), None, None, should_stop=lambda: True) is None
 
 
 def test_a_stopped_stage_stops_the_demo(tmp_path, monkeypatch):
@@ -577,14 +583,14 @@ def test_clean_errors_leave_no_stray_tracebacks(tmp_path):
 def test_torn_metrics_line_is_dropped_and_reported(tmp_path, caplog):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
-  assert [r["step"] for r in trainer.read_metrics(str(path))] == [1, 2]
+  assert [r["step"] for r in telemetry.read_metrics(str(path))] == [1, 2]
   assert "line 3 does not parse" in caplog.text
-  writer = trainer.MetricsWriter(str(tmp_path), True)
+  writer = telemetry.MetricsWriter(str(tmp_path), True)
   writer.write(3, {"loss": 0.3})
   writer.close()
   assert "cut by an interrupted write" in caplog.text
-  assert [r["step"] for r in trainer.read_metrics(str(path))] == [1, 2, 3]
-  assert trainer.plot_losses(str(tmp_path))
+  assert [r["step"] for r in telemetry.read_metrics(str(path))] == [1, 2, 3]
+  assert telemetry.plot_losses(str(tmp_path))
 
 
 def test_unknown_config_arguments_are_errors():
@@ -605,16 +611,16 @@ def test_sigkill_at_random_points_and_during_saves_resumes_bit_exact(straight_ru
 def test_meltingpot_configs_name_their_training_and_held_out_substrates():
   for arg in ("tiny", "", "tiny,autoencoder"):
     config = config_utils.load_config("meltingpot" + (f":{arg}" if arg else ""))
-    spec, held = trainer.generation_spec(config.data), trainer.generation_spec(config.data, heldout=True)
+    spec, held = locate.generation_spec(config.data), locate.generation_spec(config.data, heldout=True)
     assert spec.source == held.source == "meltingpot"
     assert spec.substrates and held.substrates and not set(spec.substrates) & set(held.substrates)
-    assert spec.canvas_hw == held.canvas_hw == tuple(trainer.frame_hw(config))
+    assert spec.canvas_hw == held.canvas_hw == tuple(locate.frame_hw(config))
     assert (held.steps, held.policy, held.seed) == (spec.steps, spec.policy, spec.seed)
     assert spec.content_hash() != held.content_hash()
   tiny = config_utils.load_config("meltingpot:tiny")
   assert tiny.model_name == "tiny" and tiny.model.dit.previous_frame_input  # the built-in game's tiny recipe
   # How a dataset is generated (worker processes, vmapped chunk) does not change what it holds, nor its name.
-  spec = trainer.generation_spec(tiny.data)
+  spec = locate.generation_spec(tiny.data)
   assert spec.content_hash() == dataclasses.replace(spec, workers=7, chunk=3).content_hash()
   assert spec.content_hash() != dataclasses.replace(spec, episodes=spec.episodes + 1).content_hash()
   # Substrate lists from the command line.
@@ -622,13 +628,13 @@ def test_meltingpot_configs_name_their_training_and_held_out_substrates():
                                       "--config.data.heldout_substrates=clean_up"])
   assert tiny.data.substrates == ("coins", "clean_up")
   with pytest.raises(config_utils.ConfigError, match=r"includes training substrates \['clean_up'\]"):
-    trainer.generation_spec(tiny.data, heldout=True)
+    locate.generation_spec(tiny.data, heldout=True)
   config_utils.apply_overrides(tiny, ["--config.data.heldout_substrates=()"])
   with pytest.raises(config_utils.ConfigError, match="no held-out substrates: set data.heldout_substrates"):
-    trainer.generation_spec(tiny.data, heldout=True)
+    locate.generation_spec(tiny.data, heldout=True)
   with pytest.raises(config_utils.ConfigError, match="held-out substrates are for data.source = 'meltingpot', "
                                                      "not 'builtin'"):
-    trainer.resolve_dataset(config_utils.load_config("tiny").data, heldout=True)
+    locate.resolve_dataset(config_utils.load_config("tiny").data, heldout=True)
 
 
 @pytest.mark.slow  # Melting Pot episodes, detectors fitted on first use, two stages compiled: about 3 min
@@ -728,14 +734,14 @@ def test_autoencoder_crops_on_subjects_contain_a_real_player():
     y, x = positions[i, j, k].astype(int)
     frames[i, j, y, x, 0 if mask[i, k] else 1] = 1.0
   for seed in range(5):
-    crops = np.asarray(trainer.random_crops(jax.numpy.asarray(frames), 24, jax.random.PRNGKey(seed),
+    crops = np.asarray(stages_lib.random_crops(jax.numpy.asarray(frames), 24, jax.random.PRNGKey(seed),
                                             (positions, mask, 1.0)))
     assert crops.shape == (b * t, 1, 24, 24, 2)
     has_player = crops[..., 0].reshape(b * t, -1).max(-1) > 0
     assert has_player.reshape(b, t)[mask.any(-1)].all()
-  uniform = np.asarray(trainer.random_crops(jax.numpy.asarray(frames), 24, jax.random.PRNGKey(0)))
+  uniform = np.asarray(stages_lib.random_crops(jax.numpy.asarray(frames), 24, jax.random.PRNGKey(0)))
   assert uniform.shape == (b * t, 1, 24, 24, 2)
   config = config_utils.load_config(f"{TINY}:autoencoder,runlocal")
   config_utils.apply_overrides(config, ["--config.autoencoder_crop_on_subjects=1.5"])
   with pytest.raises(config_utils.ConfigError, match="autoencoder_crop_on_subjects = 1.5"):
-    trainer.build_stage(config)
+    stages_lib.build_stage(config)

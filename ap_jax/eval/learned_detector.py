@@ -44,6 +44,7 @@ import numpy as np
 
 from ap_jax import actions as A
 from ap_jax.eval import detector as detector_lib
+from ap_jax.data import locate
 
 log = logging.getLogger("ap_jax.eval")
 
@@ -446,9 +447,7 @@ def _stack(truths: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, ...]:
 
 
 def detector_cache_dir() -> str:
-  from ap_jax.train import trainer
-
-  return os.path.join(trainer.dataset_cache_dir(), "detectors")
+  return os.path.join(locate.dataset_cache_dir(), "detectors")
 
 
 @functools.lru_cache(maxsize=32)

@@ -253,6 +253,32 @@ class Checkpointer:
       return step, state, meta
     return None
 
+  def restore_latest_part(self, abstract_part: dict) -> tuple[int, dict, dict] | None:
+    """Restores only the entries of `state` that `abstract_part` names (e.g. `{'ema': ..., 'step': ...}`) from the
+    newest checkpoint that restores cleanly, onto the part's shardings. Inference reads the EMA weights alone: no
+    optimizer is built and Adam's moments are never read. Checksums of the restored arrays are verified. Returns
+    (step, part, meta) or None, skipping (never moving) damaged checkpoints, as a read-only reader does."""
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
+                                                               dtype=x.dtype), abstract_part)
+    reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    for step in reversed(self.all_steps()):
+      try:
+        meta = self.read_meta(step)
+        part = reader.restore(os.path.join(self.directory, str(step), "state"), args=ocp.args.PyTreeRestore(
+            item=abstract_part, restore_args=restore_args, partial_restore=True))
+        expected = meta.get("checksums")
+        if expected is not None:
+          expected = {k: v for k, v in expected.items() if k.split("/")[0] in abstract_part}
+        verified = verify_checksums(part, expected, what=f"checkpoint {os.path.join(self.directory, str(step))}")
+      except Exception as e:  # damaged, or removed by the training run while being read
+        if step in self.all_steps():
+          log.warning("checkpoint at step %d cannot be restored (%s: %s); skipping it", step, type(e).__name__,
+                      str(e).splitlines()[0][:300] if str(e) else "")
+        continue
+      meta["verified"] = verified
+      return step, dict(part), meta
+    return None
+
   def _damaged(self, step: int, error: Exception) -> None:
     path = os.path.join(self.directory, str(step))
     reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
