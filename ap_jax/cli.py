@@ -487,7 +487,7 @@ def cmd_aot(args) -> int:
 def add_bench(sub):
   p = sub.add_parser("bench", help="benchmarks: training step, input pipeline, sampling (tables + JSON)",
                      description="Measure on this machine what a training step, the input pipeline and sampling "
-                     "cost (ap_jax/bench.py says what each reports). Prints tables; --json writes every row.")
+                     "cost (ap_jax/bench/ says what each reports). Prints tables; --json writes every row.")
   p.add_argument("what", choices=("step", "data", "sampling", "peer", "attention", "scaling", "profile", "all"))
   p.add_argument("--config", default="tiny", help="peer, profile, scaling: the config measured (peer: the shape "
                  "both models take)")
