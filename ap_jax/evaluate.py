@@ -26,6 +26,7 @@ import numpy as np
 
 from ap_jax import actions as A
 from ap_jax import sample as sample_lib
+from ap_jax.data import frames as frames_lib
 from ap_jax.data import locate
 from ap_jax.train import restore as restore_lib
 
@@ -367,7 +368,7 @@ def autoencoder_reconstructor(workdir: str):
   code = jax.jit(lambda x: vae_lib.vae_decode(params, model, vae_lib.vae_encode(params, model, x)))
 
   def reconstruct(frames_NHWC: np.ndarray) -> np.ndarray:
-    out = [sample_lib.to_uint8(np.asarray(code(sample_lib.to_model_range(frames_NHWC[i:i + 64][None]))[0]))
+    out = [frames_lib.to_uint8(np.asarray(code(frames_lib.to_model_range(frames_NHWC[i:i + 64][None]))[0]))
            for i in range(0, len(frames_NHWC), 64)]
     return np.concatenate(out)
 

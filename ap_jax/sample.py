@@ -58,15 +58,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from ap_jax import actions as A
+from ap_jax.data import frames as frames_lib
 from ap_jax.model import config as model_config_lib
 from ap_jax.model import dit as dit_lib
 from ap_jax.model import flow as flow_lib
 from ap_jax.model import sharding as sharding_lib
 from ap_jax.model import vae as vae_lib
-from ap_jax.train import restore as restore_lib
+from ap_jax.train import mesh as mesh_lib
 
 log = logging.getLogger("ap_jax.sample")
 
@@ -90,21 +90,6 @@ class Rollouts:
   frames: np.ndarray
   positions: np.ndarray | None
   timing: dict[str, Any]
-
-
-def to_uint8(frames: np.ndarray) -> np.ndarray:
-  """Frames in [-1, 1] -> uint8 [0, 255] (the pipeline's inverse)."""
-  return np.clip(np.round((np.asarray(frames, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def to_model_range(frames: np.ndarray) -> np.ndarray:
-  """uint8 [0, 255] frames -> float32 in [-1, 1], exactly as `pipeline.make_clip` normalises them."""
-  frames = np.asarray(frames)
-  if frames.dtype == np.uint8:
-    return frames.astype(np.float32) * (2.0 / 255.0) - 1.0
-  if not np.issubdtype(frames.dtype, np.floating):
-    raise SampleError(f"initial frames have dtype {frames.dtype}, expected uint8 or floating point in [-1, 1]")
-  return frames.astype(np.float32)
 
 
 class Sampler:
@@ -385,25 +370,23 @@ class Sampler:
       return jitted(*args)
 
   def _batch_shards(self) -> int:
-    if self.mesh is None:
-      return 1
-    spec = sharding_lib.logical_to_spec(("batch",), self.rules, self.mesh.axis_names)[0]
-    axes = () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
-    return int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
+    return 1 if self.mesh is None else mesh_lib.batch_shards(self.mesh, self.rules)
 
   def _put(self, x):
     """Places a batch-leading host array on the mesh (batch over the `batch` axes), or leaves it to jit."""
     x = jnp.asarray(x)
     if self.mesh is None:
       return x
-    spec = sharding_lib.logical_to_spec(("batch",), self.rules, self.mesh.axis_names)
-    return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
+    return jax.device_put(x, mesh_lib.batch_sharding(self.mesh, self.rules))
 
   # ------------------------------------------------------------------------------------------------ rollout
 
   def check_inputs(self, initial_frames, initial_positions, actions, player_mask=None):
     """Validates shapes and values; returns them as numpy (frames float in [-1, 1])."""
-    frames = to_model_range(initial_frames)
+    try:
+      frames = frames_lib.to_model_range(initial_frames)
+    except ValueError as e:
+      raise SampleError(f"initial {e}") from None
     positions = np.asarray(initial_positions, np.float32)
     actions = np.asarray(actions)
     if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -551,8 +534,8 @@ class Sampler:
       done += f
       chunk_index += 1
 
-    gen_frames = to_uint8(np.concatenate(out_frames, axis=1))[:b]
-    all_frames = np.concatenate([to_uint8(frames[:b, None]), gen_frames], axis=1)
+    gen_frames = frames_lib.to_uint8(np.concatenate(out_frames, axis=1))[:b]
+    all_frames = np.concatenate([frames_lib.to_uint8(frames[:b, None]), gen_frames], axis=1)
     pred_positions = None
     if self.subject_tokens:
       states = np.concatenate(out_coords, axis=1)[..., :2]  # the position part of the subject state
