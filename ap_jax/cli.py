@@ -300,37 +300,37 @@ def add_sample(sub):
 
 
 def cmd_sample(args) -> int:
-  from ap_jax import evaluate, viz
   from ap_jax import sample as sample_lib
-  from ap_jax.eval import metrics
+  from ap_jax import viz
+  from ap_jax.eval import action_files, metrics, render, report
+  from ap_jax.eval import cases as cases_lib
+  from ap_jax.eval import run as run_lib
 
   if os.path.splitext(args.out)[1].lower() not in (".mp4", ".gif"):
     raise ValueError(f"--out {args.out!r}: expected a path ending in .mp4 or .gif")
   if args.actions:
-    from ap_jax.eval import action_files
-
     action_files.load_action_file(args.actions)  # a bad file fails before the model loads
   trained, kwargs = _load_for_sampling(args)
   if args.episode:
     split, sep, index = args.episode.rpartition(":")
     if not sep or not split or not index.isdigit():
       raise ValueError(f"--episode {args.episode!r}: expected SPLIT:K, e.g. test:0")
-    case = evaluate.dataset_cases(trained.config, split, [int(index)], args.steps)[0]
+    case = cases_lib.dataset_cases(trained.config, split, [int(index)], args.steps)[0]
   else:
-    case = evaluate.case_from_action_file(trained.config, args.actions, args.steps)
+    case = cases_lib.case_from_action_file(trained.config, args.actions, args.steps)
   sampler = sample_lib.Sampler.from_trained(trained, **kwargs)
-  frames, positions, timing = evaluate.run_cases(sampler, [case], seed=args.seed, batch_size=1)
-  video, records = evaluate.render(case, frames[0], positions[0], scale=args.scale)
+  frames, positions, timing = run_lib.run_cases(sampler, [case], seed=args.seed, batch_size=1)
+  video, records = render.render(case, frames[0], positions[0], scale=args.scale)
   viz.write_video(video, args.out, fps=args.fps)
   summary = None
   if case.truth is not None and case.truth.get("source") == "builtin":
     summary = metrics.aggregate([metrics.score_rollout(frames[0], case.truth, pred_positions=positions[0])])
     summary = {k: summary[k] for k in metrics.METRICS if k in summary}
   json_path = os.path.splitext(args.out)[0] + ".json"
-  evaluate.write_json(dict(
+  report.write_json(dict(
       workdir=os.path.abspath(args.workdir), model_step=trained.step, case=case.name, seed_of_episode=case.seed,
       **case.info, players=case.num_players, colors=case.colors, video=os.path.abspath(args.out),
-      sampling=evaluate.sampler_settings(sampler, args.seed), metrics=summary,
+      sampling=run_lib.sampler_settings(sampler, args.seed), metrics=summary,
       timing=timing, steps=records),
       json_path)
   fps = timing.get("steady_frames_per_s")
@@ -379,8 +379,10 @@ def add_eval(sub):
 
 
 def cmd_eval(args) -> int:
-  from ap_jax import evaluate
-  from ap_jax.eval import metrics
+  from ap_jax.data import locate
+  from ap_jax.eval import cases as cases_lib
+  from ap_jax.eval import report
+  from ap_jax.eval import run as run_lib
 
   if args.episodes < 1:
     raise ValueError(f"--episodes {args.episodes}, expected at least 1")
@@ -390,9 +392,9 @@ def cmd_eval(args) -> int:
       raise ValueError("--oracle scores a dataset's true frames: give the dataset with --data DIR")
     if args.players is not None:
       raise ValueError("--oracle reads --data's episodes; --players (fresh built-in episodes) does not apply")
-    reconstruct = evaluate.autoencoder_reconstructor(args.autoencoder) if args.autoencoder else None
-    cases = evaluate.dataset_dir_cases(args.data, args.split, range(args.episodes), args.steps)
-    results = evaluate.oracle(cases, reconstruct)
+    reconstruct = run_lib.autoencoder_reconstructor(args.autoencoder) if args.autoencoder else None
+    cases = cases_lib.dataset_dir_cases(args.data, args.split, range(args.episodes), args.steps)
+    results = run_lib.oracle(cases, reconstruct)
     results["data"] = os.path.abspath(args.data)
     results["autoencoder"] = os.path.abspath(args.autoencoder) if args.autoencoder else None
   else:
@@ -406,27 +408,25 @@ def cmd_eval(args) -> int:
     if len(chosen) > 1:
       raise ValueError(f"{' and '.join(chosen)} each choose the episodes to score: give one of them")
     if args.heldout:
-      from ap_jax.data import locate
-
       args.data = locate.resolve_dataset(trained.config.data, heldout=True)
     if args.data:
-      cases = evaluate.dataset_dir_cases(args.data, args.split, range(args.episodes), args.steps)
-      evaluate.check_frame_size(trained.config, cases)
+      cases = cases_lib.dataset_dir_cases(args.data, args.split, range(args.episodes), args.steps)
+      cases_lib.check_frame_size(trained.config, cases)
     elif args.players is not None:
       steps = args.steps if args.steps is not None else int(trained.config.data.steps)
-      cases = evaluate.fresh_cases(trained.config, args.players, args.episodes, steps)
+      cases = cases_lib.fresh_cases(trained.config, args.players, args.episodes, steps)
     else:
-      cases = evaluate.dataset_cases(trained.config, args.split, range(args.episodes), args.steps)
-    evaluate.check_scorable(cases)
-    results = evaluate.evaluate(trained, cases, seed=args.seed, batch_size=args.batch_size, **kwargs)
+      cases = cases_lib.dataset_cases(trained.config, args.split, range(args.episodes), args.steps)
+    run_lib.check_scorable(cases)
+    results = run_lib.evaluate(trained, cases, seed=args.seed, batch_size=args.batch_size, **kwargs)
     results["workdir"] = os.path.abspath(args.workdir)
     results["data"] = os.path.abspath(args.data) if args.data else None
     results["heldout"] = bool(args.heldout)
   results["timing"]["seconds_total"] = time.time() - start
   results["split"] = None if args.players is not None else args.split
   results["players"] = None if args.players is None else list(args.players)
-  evaluate.write_json(results, args.out)
-  print(metrics.markdown_table(results))
+  report.write_json(results, args.out)
+  print(report.markdown_table(results))
   print(f"wrote {args.out}: {len(cases)} episodes in {results['timing']['seconds_total']:.1f}s")
   return 0
 
@@ -461,7 +461,8 @@ def add_aot(sub):
 
 
 def cmd_aot(args) -> int:
-  from ap_jax import aot, evaluate
+  from ap_jax import aot
+  from ap_jax.eval import report as report_lib
   from ap_jax.train import config_utils
 
   config = config_utils.apply_overrides(config_utils.load_config(args.config), args.overrides)
@@ -473,7 +474,7 @@ def cmd_aot(args) -> int:
   report["overrides"] = list(args.overrides)
   print(aot.format_report(report))
   if args.json:
-    evaluate.write_json(report, args.json)
+    report_lib.write_json(report, args.json)
     print(f"wrote {args.json}")
   fits = [report[k]["fits"] for k in ("train", "sample") if k in report]
   return 0 if all(f is not False for f in fits) else 1
@@ -513,6 +514,7 @@ def add_bench(sub):
 
 def cmd_bench(args) -> int:
   from ap_jax import bench
+  from ap_jax.eval import report as report_lib
 
   repeats = 2 if args.quick else args.repeats
   result: dict = dict(machine=bench.machine())
@@ -562,9 +564,7 @@ def cmd_bench(args) -> int:
     result["speedup_vs_peer"] = result["peer"]["speedup_vs_peer"]
     print("\nagainst the peer (forward, loss, backward, AdamW)\n" + bench.peer_table(result["peer"]))
   if args.json:
-    from ap_jax import evaluate
-
-    evaluate.write_json(result, args.json)
+    report_lib.write_json(result, args.json)
     print(f"\nwrote {args.json}")
   return 0
 

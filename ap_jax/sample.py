@@ -1,5 +1,6 @@
 """Autoregressive rollouts of a trained ActionParty model: an initial frame, each player's initial position and
-per-player actions in; generated frames and each player's predicted position out.
+per-player actions in; generated frames and each player's predicted position out. The sampler knows only the model:
+what to roll out, how to score it and how to show it are `ap_jax.eval` (cases, run, render, report).
 
 Dimension letters: B rollouts, N actions (steps) per rollout, P players given (<= S slots = model.max_players),
 F frames of one chunk, H, W pixels, h, w latents, c latent channels, K denoising steps.
