@@ -172,7 +172,8 @@ class ChunkDenoiser:
   def chunk_cached(self, params, vae_params, cache, actions_BFP, player_mask, initial_coords, keys_B, last_latents,
                     last_coords, latent_hwc, append):
     """Denoises one chunk against the cache (None: a model without context tokens, whose window is the chunk alone)
-    and decodes it; with `append`, also passes the chunk once more to append it to the cache. last_latents [B, 1, h, w, c], last_coords [B, 1, S, 2]: the context frame before the chunk
+    and decodes it; with `append`, also passes the chunk once more to append it to the cache.
+    last_latents [B, 1, h, w, c], last_coords [B, 1, S, 2]: the context frame before the chunk
     (what previous_frame_input reads for a chunk of 1, and the centre of the coordinates' source distribution).
     Returns (frames [B, F, H, W, 3] in [-1, 1], coords [B, F, S, 2], new cache or None, the chunk's context latents,
     coords and times)."""

@@ -143,8 +143,8 @@ class Sampler:
   @classmethod
   def from_trained(cls, trained, **kwargs) -> "Sampler":
     """A sampler for `restore.load_trained(...)`'s TrainedModel. Defaults follow its training layout: the window
-    is the training clip (clip_steps + 1 frames); snap_px and context_noise are the config's `sampling` ones; the chunk is clip_steps frames when the model was trained with
-    one shared time over its target frames (then every chunk sees what training showed: one clean context frame
+    is the training clip (clip_steps + 1 frames); snap_px and context_noise are the config's `sampling` ones; the
+    chunk is clip_steps frames when the model was trained with one shared time over its target frames (then every chunk sees what training showed: one clean context frame
     and clip_steps frames at one noise level), and 1 frame when it was trained with independent frame times
     (diffusion forcing covers clean-past / noisy-present at any position)."""
     clip = int(trained.config.data.clip_steps)
