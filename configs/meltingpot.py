@@ -16,8 +16,9 @@ Arguments (comma-separated after the colon, e.g. `meltingpot:tiny,autoencoder,ba
   128 x 128 canvas at 8 px per cell: the collaborative_cooking family. Trains on `crowded` (2-7 players) and `figure_eight`
   (2-6), and holds out the five two-player kitchens (`asymmetric`, `circuit`, `cramped`, `forced`, `ring`): layouts
   never seen, same sprites. The autoencoder compresses 2x and trains 4,000 steps (53 min on 2 busy cores here;
-  research log entry 25); the denoiser has not been rerun on it (README "Melting Pot: trained on some substrates,
-  scored on unseen ones"; research log entries 21-22 measured the earlier 4x autoencoder).
+  research log entry 25). The tiny denoiser does not yet render through it at the demo's budget (entry 26: patch-8
+  tokens of 512 values against a width of 128); README "Melting Pot: trained on some substrates, scored on unseen
+  ones".
 - default (no `tiny`): the small model on a 256 x 256 canvas (8 px cells for maps up to 32 x 32 cells), the
   paper's setting of 2-7 players padded to 8 slots, on an accelerator or a TPU slice (data parallel).
 - `autoencoder` selects that stage; `runlocal` shrinks the run to a smoke test (a few steps and episodes).
