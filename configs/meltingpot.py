@@ -22,6 +22,7 @@ Arguments (comma-separated after the colon, e.g. `meltingpot:tiny,autoencoder,ba
 - default (no `tiny`): the small model on a 256 x 256 canvas (8 px cells for maps up to 32 x 32 cells), the
   paper's setting of 2-7 players padded to 8 slots, on an accelerator or a TPU slice (data parallel).
 - `autoencoder` selects that stage; `runlocal` shrinks the run to a smoke test (a few steps and episodes).
+- `compress=N` (with `tiny`): the autoencoder's downsampling, 2 (default) or 4 (the built-in game's, patch 4).
 - `batch=N`: the global batch size (default 32; with `tiny`, tiny's: 16, 8 with runlocal).
 - `steps=N`: the training steps (default 20,000 for the autoencoder, 100,000 for the denoiser, 3 with runlocal;
   with `tiny`: 4,000 / 3,600, 6 with runlocal). `batch` and `steps` win over runlocal.
@@ -54,8 +55,13 @@ def _tiny(arg):
   # 2x compression, not the built-in game's 4x: Melting Pot's sprites have ears, eyes and outlines, and the
   # reconstructions through 4x latents kept only coloured blobs. Through 2x latents trained 4,000 steps the true
   # frames score SP 0.996 and MA 0.921 (validation; docs/research_log.md entry 25).
-  c.model.vae.channel_mult = (1, 2)
-  c.model.dit.patch_size = 8  # 64 x 64 latents: 8 x 8 tokens per frame, as on the built-in game's 64 x 64 frames
+  # `compress=4`: the built-in game's 4x autoencoder (channel_mult (1, 2, 4)), patch 4 on its 32 x 32 latents.
+  if arg.compress not in (2, 4):
+    raise ValueError(f"meltingpot:tiny compress={arg.compress}: expected 2 or 4 (the autoencoder's downsampling)")
+  c.model.vae.channel_mult = (1, 2) if arg.compress == 2 else (1, 2, 4)
+  # 8 x 8 tokens per frame either way, as on the built-in game's 64 x 64 frames: 64 x 64 latents at patch 8 (2x),
+  # 32 x 32 at patch 4 (4x).
+  c.model.dit.patch_size = 8 if arg.compress == 2 else 4
   if arg.autoencoder and not arg.runlocal:
     c.total_steps = 4000
   c.model.vae.foreground = "subjects"  # the map is textured: weight the players' cells, not "not the median"
@@ -73,7 +79,7 @@ def _tiny(arg):
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, autoencoder=False, runlocal=False, tiny=False, batch=int, steps=int)
+  arg = config_utils.parse_arg(arg, autoencoder=False, runlocal=False, tiny=False, batch=int, steps=int, compress=2)
   if arg.tiny:
     c = _tiny(arg)
   else:

@@ -114,25 +114,55 @@ def main(argv=None) -> int:
   report["seconds"]["autoencoder"] = time.time() - t0
   log.info("autoencoder trained (%.0fs)", report["seconds"]["autoencoder"])
 
-  child_env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=os.pathsep.join(
-      [ROOT] + [v for v in os.environ.get("PYTHONPATH", "").split(os.pathsep) if v]))
-  procs = {}
+  child_env = child_environment()
   t0 = time.time()
   for arm in arms:
-    workdir = os.path.join(work, f"dit_{arm['name']}")
-    overrides = data + demo.VARIANTS[arm["variant"]] + [
-        f"--config.autoencoder_workdir={ae_dir}", f"--config.total_steps={arm['steps']}",
-        f"--config.data.global_batch_size={arm['batch']}", "--config.log_every=100",
-        f"--config.checkpoint_every={max(arm['steps'], 1)}", "--config.keep_checkpoints=1",
-        "--config.data.worker_count=0"]
+    arm["workdir"] = os.path.join(work, f"dit_{arm['name']}")
+    overrides = data + arm_overrides(arm, ae_dir)
     if args.learning_rate:
       overrides.append(f"--config.optim.learning_rate={args.learning_rate}")
-    cmd = [sys.executable, "-m", "ap_jax", "train", "--config", demo.TINY, "--workdir", workdir,
-           "--no-progress"] + overrides
-    arm["workdir"] = workdir
-    procs[arm["name"]] = subprocess.Popen(cmd, env=child_env, stdout=open(os.path.join(logs, f"train_{arm['name']}.log"),
-                                                                         "w"), stderr=subprocess.STDOUT)
-  train_deadline = deadline - args.eval_reserve_s
+    arm["cmd"] = [sys.executable, "-m", "ap_jax", "train", "--config", demo.TINY, "--workdir", arm["workdir"],
+                  "--no-progress"] + overrides
+  cut = train_arms(arms, logs, deadline - args.eval_reserve_s, child_env)
+  report["seconds"]["train"] = time.time() - t0
+  log.info("training done (%.0fs); cut at the deadline: %s", report["seconds"]["train"], cut or "none")
+
+  t0 = time.time()
+  for arm in arms:
+    arm["score_cmd"] = [sys.executable, os.path.abspath(__file__), "--score", arm["workdir"],
+                        os.path.join(work, f"eval_{arm['name']}.json"), str(args.eval_per_count),
+                        str(args.eval_steps), str(args.denoise_steps)]
+  score_arms(arms, work, logs, deadline, child_env)
+  report["seconds"]["evaluate"] = time.time() - t0
+  report["seconds"]["total"] = time.time() - start
+  report["arms"] = arms
+  write(args.out, report, logs)
+  return 0
+
+
+def child_environment() -> dict:
+  """The environment of the arms' processes: the project on the path, GPU memory shared between processes."""
+  return dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=os.pathsep.join(
+      [ROOT] + [v for v in os.environ.get("PYTHONPATH", "").split(os.pathsep) if v]))
+
+
+def arm_overrides(arm: dict, ae_dir: str) -> list[str]:
+  """The denoiser overrides of one arm: its variant, budget, one checkpoint at the end, data read in-process."""
+  from ap_jax import demo
+
+  return demo.VARIANTS[arm["variant"]] + [
+      f"--config.autoencoder_workdir={ae_dir}", f"--config.total_steps={arm['steps']}",
+      f"--config.data.global_batch_size={arm['batch']}", "--config.log_every=100",
+      f"--config.checkpoint_every={max(arm['steps'], 1)}", "--config.keep_checkpoints=1",
+      "--config.data.worker_count=0"]
+
+
+def train_arms(arms: list[dict], logs: str, train_deadline: float, env: dict) -> list[str]:
+  """Runs every arm's `cmd` side by side, one process each, until all finish or `train_deadline` (then SIGTERM:
+  the trainer saves and exits). Sets each arm's `train_rc` and `cut`; returns the names of the arms cut."""
+  procs = {arm["name"]: subprocess.Popen(arm["cmd"], env=env, stderr=subprocess.STDOUT,
+                                         stdout=open(os.path.join(logs, f"train_{arm['name']}.log"), "w"))
+           for arm in arms}
   log.info("training %d arms until they finish or %.0fs from now", len(arms), train_deadline - time.time())
   while time.time() < train_deadline and any(p.poll() is None for p in procs.values()):
     time.sleep(1)
@@ -145,18 +175,31 @@ def main(argv=None) -> int:
     except subprocess.TimeoutExpired:
       p.kill()
       p.wait()
-  report["seconds"]["train"] = time.time() - t0
-  log.info("training done (%.0fs); cut at the deadline: %s", report["seconds"]["train"], cut or "none")
-
-  t0 = time.time()
-  evals = {}
   for arm in arms:
     arm["train_rc"] = procs[arm["name"]].returncode
     arm["cut"] = arm["name"] in cut
-    evals[arm["name"]] = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--score", arm["workdir"], os.path.join(work, f"eval_{arm['name']}.json"),
-         str(args.eval_per_count), str(args.eval_steps), str(args.denoise_steps)],
-        env=child_env, stdout=open(os.path.join(logs, f"eval_{arm['name']}.log"), "w"), stderr=subprocess.STDOUT)
+  return cut
+
+
+def add_training_figures(arm: dict) -> None:
+  """The arm's FLOPs per step, device and median step time from its summary.json, and its training FLOPs."""
+  summary_path = os.path.join(arm["workdir"], "summary.json")
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+    times = [h["step_time_s"] for h in summary.get("history", [])[1:]]
+    arm.update(flops_per_step=summary.get("flops_per_step"), device=summary.get("device"),
+               step_time_s=sorted(times)[len(times) // 2] if times else None)
+  if arm.get("reached_step") and arm.get("flops_per_step"):
+    arm["train_flops"] = arm["reached_step"] * arm["flops_per_step"]
+
+
+def score_arms(arms: list[dict], work: str, logs: str, deadline: float, env: dict) -> None:
+  """Runs every arm's `score_cmd` side by side (each writes WORK/eval_NAME.json), waits until `deadline` plus a
+  minute, and merges each result and the arm's training figures into the arm."""
+  evals = {arm["name"]: subprocess.Popen(arm["score_cmd"], env=env, stderr=subprocess.STDOUT,
+                                         stdout=open(os.path.join(logs, f"eval_{arm['name']}.log"), "w"))
+           for arm in arms}
   for arm in arms:
     p = evals[arm["name"]]
     try:
@@ -164,24 +207,12 @@ def main(argv=None) -> int:
     except subprocess.TimeoutExpired:
       p.kill()
       p.wait()
-    path = os.path.join(work, f"eval_{arm['name']}.json")
     arm["eval_rc"] = p.returncode
+    path = os.path.join(work, f"eval_{arm['name']}.json")
     if os.path.exists(path):
-      arm.update(json.load(open(path)))
-    summary_path = os.path.join(arm["workdir"], "summary.json")
-    if os.path.exists(summary_path):
-      summary = json.load(open(summary_path))
-      times = [h["step_time_s"] for h in summary.get("history", [])[1:]]
-      arm.update(flops_per_step=summary.get("flops_per_step"), device=summary.get("device"),
-                 step_time_s=sorted(times)[len(times) // 2] if times else None)
-  report["seconds"]["evaluate"] = time.time() - t0
-  report["seconds"]["total"] = time.time() - start
-  for arm in arms:
-    if arm.get("reached_step") and arm.get("flops_per_step"):
-      arm["train_flops"] = arm["reached_step"] * arm["flops_per_step"]
-  report["arms"] = arms
-  write(args.out, report, logs)
-  return 0
+      with open(path) as f:
+        arm.update(json.load(f))
+    add_training_figures(arm)
 
 
 def score(workdir: str, path: str, per_count: int, steps: int, denoise_steps: int) -> None:
@@ -230,7 +261,7 @@ def markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: str) -> None:
+def plot(report: dict, path: str, title: str = "fresh built-in episodes, 1-8 players (trained on 2-7)") -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -263,22 +294,23 @@ def plot(report: dict, path: str) -> None:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
-  fig.suptitle("fresh built-in episodes, 1-8 players (trained on 2-7)")
+  fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def write(out: str, report: dict, logs: str) -> None:
+def write(out: str, report: dict, logs: str, *, markdown_text: str | None = None, **plot_kwargs) -> None:
+  """OUT/curve.json, curve.md (`markdown_text`, default the curve's table), curve.png and logs.tar.gz."""
   from ap_jax.eval import report as report_lib
 
   report_lib.write_json(report, os.path.join(out, "curve.json"))
-  text = markdown(report)
+  text = markdown_text if markdown_text is not None else markdown(report)
   with open(os.path.join(out, "curve.md"), "w") as f:
     f.write(text)
   print(text, flush=True)
   try:
-    plot(report, os.path.join(out, "curve.png"))
+    plot(report, os.path.join(out, "curve.png"), **plot_kwargs)
   except Exception as e:  # the table and JSON are the record; a missing plot must not lose them
     log.warning("plot failed: %s: %s", type(e).__name__, e)
   with tarfile.open(os.path.join(out, "logs.tar.gz"), "w:gz") as tar:

@@ -205,3 +205,27 @@ def test_xpk_names_what_is_missing_and_refuses_urls():
   assert out.returncode == 2 and "--image" in out.stderr
   out = launch("xpk.py", "train", *GKE, "--workdir", "/mnt/gcs/r", "--dry-run", check=False)
   assert out.returncode == 2 and "--workload" in out.stderr
+
+
+def test_gpu_arms_run_side_by_side_and_the_deadline_cuts_the_slow_one(tmp_path):
+  """launch/gpu_curve.train_arms (shared by gpu_meltingpot.py): an arm still running at the deadline gets SIGTERM
+  and is marked cut; an arm that finished keeps its exit status; each arm's output goes to its own log."""
+  sys.path.insert(0, os.path.join(ROOT, "launch"))
+  try:
+    import gpu_curve
+  finally:
+    sys.path.pop(0)
+  import time
+
+  slow = ("import signal, sys, time\n"
+          "signal.signal(signal.SIGTERM, lambda *_: (print('saved at the signal', flush=True), sys.exit(0)))\n"
+          "time.sleep(60)\n")
+  arms = [dict(name="fast", cmd=[sys.executable, "-c", "print('done')"]),
+          dict(name="slow", cmd=[sys.executable, "-c", slow])]
+  start = time.time()
+  cut = gpu_curve.train_arms(arms, str(tmp_path), time.time() + 3.0, dict(os.environ))
+  assert time.time() - start < 30
+  assert cut == ["slow"]
+  assert [(a["cut"], a["train_rc"]) for a in arms] == [(False, 0), (True, 0)]
+  assert (tmp_path / "train_fast.log").read_text().strip() == "done"
+  assert "saved at the signal" in (tmp_path / "train_slow.log").read_text()

@@ -637,6 +637,19 @@ def test_meltingpot_configs_name_their_training_and_held_out_substrates():
     locate.resolve_dataset(config_utils.load_config("tiny").data, heldout=True)
 
 
+def test_meltingpot_tiny_compression_sets_the_autoencoder_and_the_patch_together():
+  """`compress=2` (default) and `compress=4`: 8 x 8 tokens a 128 x 128 frame either way, on the same dataset."""
+  for arg, mult, patch in (("tiny", (1, 2), 8), ("tiny,compress=4", (1, 2, 4), 4)):
+    config = config_utils.load_config(f"meltingpot:{arg}")
+    assert (tuple(config.model.vae.channel_mult), config.model.dit.patch_size) == (mult, patch)
+    factor = 2 ** (len(mult) - 1)
+    assert tuple(s // factor // patch for s in locate.frame_hw(config)) == (8, 8)
+  assert (locate.generation_spec(config_utils.load_config("meltingpot:tiny,compress=4").data).content_hash()
+          == locate.generation_spec(config_utils.load_config("meltingpot:tiny").data).content_hash())
+  with pytest.raises(ValueError, match="compress=3: expected 2 or 4"):
+    config_utils.load_config("meltingpot:tiny,compress=3")
+
+
 @pytest.mark.slow  # Melting Pot episodes, detectors fitted on first use, two stages compiled: about 3 min
 @pytest.mark.meltingpot
 def test_meltingpot_config_trains_and_scores_its_held_out_substrates(tmp_path, monkeypatch):
