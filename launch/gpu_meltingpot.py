@@ -147,7 +147,7 @@ def run(args) -> int:
   config_name = manifest["config"]
   report: dict = dict(devices=[str(d) for d in jax.devices()], jax=jax.__version__, python=sys.version.split()[0],
                       config=config_name, sets=manifest["sets"], seconds={},
-                      protocol=dict(config=config_name, denoise_steps=args.denoise_steps,
+                      protocol=dict(config=config_name, overrides=list(args.override), denoise_steps=args.denoise_steps,
                                     cases={name: s["cases"] for name, s in manifest["sets"].items()}))
   log.info("devices %s, jax %s; config %s; %d arms, deadline %.0fs", report["devices"], jax.__version__,
            config_name, len(arms), args.deadline_s)
@@ -165,7 +165,7 @@ def run(args) -> int:
   for arm in arms:
     arm["workdir"] = os.path.join(work, f"dit_{arm['name']}")
     arm["cmd"] = [sys.executable, "-m", "ap_jax", "train", "--config", config_name, "--workdir", arm["workdir"],
-                  "--no-progress"] + gpu_curve.arm_overrides(arm, ae_dir)
+                  "--no-progress"] + gpu_curve.arm_overrides(arm, ae_dir) + list(args.override)
   cut = gpu_curve.train_arms(arms, logs, deadline - args.eval_reserve_s, env)
   report["seconds"]["train"] = time.time() - t0
   log.info("training done (%.0fs); cut at the deadline: %s", report["seconds"]["train"], cut or "none")
@@ -262,6 +262,9 @@ def main(argv=None) -> int:
   r.add_argument("--eval-reserve-s", type=float, default=150.0, help="seconds kept for scoring after training")
   r.add_argument("--ae-steps", type=int, default=4000, help="autoencoder steps when the bundle carries none")
   r.add_argument("--denoise-steps", type=int, default=10)
+  r.add_argument("--override", action="append", default=[], metavar="--config.KEY=VALUE",
+                 help="a denoiser config override for every arm (repeatable), e.g. "
+                      "--override=--config.model.dit.patch_size=4")
   s = sub.add_parser("score", help=argparse.SUPPRESS)
   s.add_argument("--bundle", required=True)
   s.add_argument("--workdir", required=True)
