@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         "video_tokens_per_frame": tokens,
         "sequence_length": args.frames * (tokens + cfg.max_players),
         "dit_params": layers.count_params(dit.param_specs(cfg)),
-        "vae_params": layers.count_params(vae.vae_specs(cfg)),
+        "vae_params": layers.count_params(jax.eval_shape(lambda: vae.vae_init(jax.random.key(0), cfg))),
         "dit_forward_flops": fwd["total"],
         "dit_train_step_flops": flops.denoiser_train_step_flops(cfg, args.batch, args.frames, lat),
         "dit_attention_fraction": (fwd["self_attn_scores"] + fwd["cross_attn_scores"] + fwd["softmax"]) / fwd["total"],
