@@ -191,8 +191,8 @@ def _example_frames(config: ml_collections.ConfigDict) -> jax.Array:
 
 
 def vae_init(rng: jax.Array, config: ml_collections.ConfigDict) -> Params:
-  """The autoencoder's parameters (plain nested dicts): conv kernels clipped-normal with std 1/sqrt(fan_in), conv
-  biases zero, norms scale one and bias zero."""
+  """The autoencoder's parameters (plain nested dicts): conv kernels a standard normal clipped to +-2, over
+  sqrt(fan_in); conv biases zero; norms scale one and bias zero."""
   return modules.init_params(_module(config), rng, _example_frames(config))
 
 
