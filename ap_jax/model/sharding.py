@@ -80,13 +80,14 @@ def active() -> tuple[Mesh, tuple] | None:
   return stack[-1] if stack else None
 
 
-def rules_for_mesh(rules: LogicalRules, mesh_axes: Sequence[str]) -> tuple:
+def rules_for_mesh(rules: LogicalRules, mesh_axes: Sequence[str] | None = None) -> tuple:
   """The rules with every mesh axis absent from `mesh_axes` dropped; a rule left with none is removed (its name
-  then falls through to its next rule), so one table serves meshes that lack an axis. A rule to None stays."""
+  then falls through to its next rule), so one table serves meshes that lack an axis. A rule to None stays. Mesh
+  axes come out as a name, or a tuple of two or more (a config's lists included)."""
   out = []
   for logical, physical in rules:
     axes = (physical,) if isinstance(physical, str) else tuple(physical or ())
-    kept = tuple(a for a in axes if a in mesh_axes)
+    kept = tuple(a for a in axes if mesh_axes is None or a in mesh_axes)
     if axes and not kept:
       continue
     out.append((logical, None if not kept else (kept[0] if len(kept) == 1 else kept)))
@@ -98,14 +99,10 @@ def logical_to_spec(names: Sequence[str | None], rules: LogicalRules,
   """Maps logical axis names to a PartitionSpec of mesh axes, by Flax's `nn.logical_to_mesh_axes` (maxtext's
   rule): rules are tried in table order, and a rule applies when its name is an unassigned dimension of `names`
   and none of its mesh axes is used yet, so a table may list fallbacks. A rule to None means "replicate"; a name
-  no rule assigns is replicated. With `mesh_axes`, rules are first fitted to the mesh (`rules_for_mesh`).
+  no rule assigns is replicated; a name may appear once in `names` (Flax raises otherwise). With `mesh_axes`, the
+  rules are first fitted to the mesh (`rules_for_mesh`).
   """
-  if mesh_axes is not None:
-    rules = rules_for_mesh(rules, mesh_axes)
-  else:
-    rules = tuple((logical, tuple(physical) if isinstance(physical, list) else physical)
-                  for logical, physical in rules)
-  return nn.logical_to_mesh_axes(tuple(names), rules)
+  return nn.logical_to_mesh_axes(tuple(names), rules_for_mesh(rules, mesh_axes))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
