@@ -1,26 +1,28 @@
-"""Flax Linen plumbing shared by the model's parts: the kernel initializer and the pure-functional boundary.
+"""Flax NNX plumbing shared by the model's parts: the kernel initializer and the pure-functional boundary.
 
-The model's parts are Linen modules (why Linen rather than NNX: ap_jax/model/README.md), but only plain pytrees
-leave the model. Every parameter is created through `nn.with_logical_partitioning(init, names)`, so it carries one
-logical axis name per dimension as Flax metadata; at the boundary that metadata is read once and dropped:
+The model's parts are Flax NNX modules (why NNX: ap_jax/model/README.md), but only plain pytrees leave the model.
+Every parameter is an `nnx.Param` created through `nnx.with_partitioning(init, names)`, so it carries one logical
+axis name per dimension as sharding metadata; at the boundary that metadata is read once and dropped:
 
-  init_params(module, rng, *example) -> params       nested dicts of arrays (no metadata boxes)
-  param_logical_axes(module, *example) -> axes       same structure; leaves are PartitionSpecs of logical names
-  module.apply({"params": params}, ...)              the forward pass on such params
+  init_params(make, rng) -> params          nested dicts of arrays: the module's nnx.Param state, made pure
+  param_logical_axes(make) -> axes          same structure; leaves are PartitionSpecs of logical names
+  graphdef(make) ...  bind(graphdef, params) -> module     the forward pass: merge the pure params into a module
 
-`example` is what `module.init` traces with (Linen creates parameters on a first call); its values never matter,
-and `param_logical_axes` only traces it (`jax.eval_shape`). The trainer maps the logical names to mesh axes with
-`sharding.tree_shardings`.
+`make(rngs)` builds the module from an `nnx.Rngs`. `param_logical_axes` and `graphdef` only trace it
+(`nnx.eval_shape`): no parameter is computed. The trainer maps the logical names to mesh axes with
+`sharding.tree_shardings`, and places the arrays itself; so Flax's eager sharding (which would shard each
+Param as it is created, and needs a mesh whose axes are the logical names) is switched off while modules are
+built and bound here.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 
 def clipped_normal(scale: float = 1.0, out_axis: int | Sequence[int] = -1):
@@ -41,20 +43,53 @@ def clipped_normal(scale: float = 1.0, out_axis: int | Sequence[int] = -1):
   return init
 
 
-def init_params(module: nn.Module, rng: jax.Array, *example: Any, **kwargs: Any) -> dict:
-  """The module's parameters as plain nested dicts of arrays: `module.init` on `example`, metadata boxes removed."""
-  return nn.unbox(module.init(rng, *example, **kwargs)["params"])
+def _pure(state: Any) -> dict:
+  """A Flax State as plain nested dicts (no Variable boxes)."""
+  return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
 
 
-def param_logical_axes(module: nn.Module, *example: Any, **kwargs: Any) -> dict:
+def init_params(make: Callable[[nnx.Rngs], nnx.Module], rng: jax.Array) -> dict:
+  """The module's parameters as plain nested dicts of arrays: its `nnx.Param` state, built with `nnx.Rngs(rng)`.
+  Works under `jax.jit` and `jax.eval_shape` (the trainer creates sharded parameters that way)."""
+  with nnx.use_eager_sharding(False):
+    return _pure(nnx.state(make(nnx.Rngs(rng)), nnx.Param))
+
+
+def abstract_module(make: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
+  """The module with ShapeDtypeStructs for arrays (`nnx.eval_shape`): structure and metadata, nothing computed."""
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+
+
+def param_logical_axes(make: Callable[[nnx.Rngs], nnx.Module]) -> dict:
   """The logical axis names of the module's parameters: the tree of `init_params`, with a PartitionSpec of names
-  per leaf. Traces `module.init` without computing anything. Raises if a parameter was created without names (a
-  missing `nn.with_logical_partitioning`), since the trainer could not shard it."""
-  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *example, **kwargs))["params"]
-  is_box = lambda x: isinstance(x, nn.Partitioned)
-  unnamed = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=is_box)
-             if not is_box(leaf) or len(leaf.names) != len(leaf.value.shape)]
+  per leaf, read from each Param's partitioning metadata (`nnx.get_partition_spec`). Raises if a parameter was
+  created without names (a missing `nnx.with_partitioning`), since the trainer could not shard it."""
+  module = abstract_module(make)
+  params = nnx.state(module, nnx.Param)
+  specs = _pure(nnx.get_partition_spec(params))
+  shapes = _pure(params)
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  unnamed = [jax.tree_util.keystr(path) for (path, spec), shape in zip(
+      jax.tree_util.tree_leaves_with_path(specs, is_leaf=is_spec), jax.tree.leaves(shapes))
+             if len(spec) != len(shape.shape)]
   if unnamed:
     raise ValueError(f"{type(module).__name__} parameters without one logical axis name per dimension: "
-                     f"{', '.join(unnamed)}; create them with nn.with_logical_partitioning(init, names)")
-  return nn.get_partition_spec(boxed)
+                     f"{', '.join(unnamed)}; create them with nnx.with_partitioning(init, names)")
+  return specs
+
+
+def graphdef(make: Callable[[nnx.Rngs], nnx.Module]) -> nnx.GraphDef:
+  """The module's static structure (`nnx.split` of the abstract module): what `bind` merges parameters into.
+  Hashable and array-free, so it may be cached and closed over by jitted functions."""
+  module = abstract_module(make)
+  if jax.tree.leaves(nnx.state(module, nnx.Not(nnx.Param))):
+    raise ValueError(f"{type(module).__name__} holds state other than nnx.Param; the pure boundary carries "
+                     "parameters only")
+  return nnx.split(module)[0]
+
+
+def bind(graph: nnx.GraphDef, params: dict) -> nnx.Module:
+  """A module computing with `params` (plain nested dicts of arrays, e.g. `init_params`'s, possibly traced)."""
+  with nnx.use_eager_sharding(False):
+    return nnx.merge(graph, params)

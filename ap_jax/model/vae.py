@@ -18,11 +18,14 @@ conv 3x3, twice, plus skip) and a stride-2 conv down; a middle ResBlock; GroupNo
 (mean, log-variance). The decoder mirrors it with nearest-neighbour upsampling + conv. Nearest upsampling suits
 pixel art: sprites are blocky, and it avoids checkerboard artefacts of transposed convs.
 
-Modules: Flax Linen (`VAE` = `Encoder` + `Decoder`, built of `Level`s of `ResBlock`s over `nn.Conv` and
-`nn.GroupNorm`); the functions above are the pure boundary around them (ap_jax/model/modules.py). Submodules are
-named explicitly, so the parameters are the tree the hand-written VAE had ({"encoder": {"conv_in", "level0":
-{"res0": {"norm1", "conv1", ...}, "down"}, ..., "mid", "norm_out", "conv_out"}, "decoder": {...}}, every leaf
-the same shape and logical axes): autoencoder checkpoints written before the move to Flax restore as they are.
+Modules: Flax NNX (`VAE` = `Encoder` + `Decoder`, built of `Level`s of `ResBlock`s over `nnx.Conv` and
+`nnx.GroupNorm`, every `nnx.Param` carrying logical axis names via `nnx.with_partitioning`); the functions above are
+the pure boundary around them (ap_jax/model/modules.py): `vae_init` returns the Param state as plain dicts, and the
+forward functions merge such params into the cached graphdef of the config's VAE (`nnx.merge`), so jitted steps see
+plain pytrees only. Attributes are named so the parameters are the tree the hand-written VAE had ({"encoder":
+{"conv_in", "level0": {"res0": {"norm1", "conv1", ...}, "down"}, ..., "mid", "norm_out", "conv_out"}, "decoder":
+{...}}, every leaf the same shape and logical axes): autoencoder checkpoints written before the move to Flax restore
+as they are.
 
 Loss: l1_weight |x - x^| + mse_weight (x - x^)^2 (per-pixel means, foreground pixels weighted up by
 `foreground_weight`, see `foreground_weights`) + kl_weight KL(q(z|x) || N(0, I)) (per-latent
@@ -34,10 +37,11 @@ pixel-art frames are simple enough not to need them.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
-import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -51,121 +55,124 @@ Params = dict[str, Any]
 # ------------------------------------------------------------------------------------------------------ modules
 
 
-def _conv(features: int, dtype: str, name: str, kernel: int = 3, stride: int = 1) -> nn.Conv:
+def _conv(in_features: int, features: int, dtype: str, rngs: nnx.Rngs, kernel: int = 3, stride: int = 1) -> nnx.Conv:
   """A "SAME" conv computed in `dtype` on float32 weights; the HWIO kernel's channels are named conv_in, conv_out."""
-  return nn.Conv(
-      features, (kernel, kernel), strides=stride, padding="SAME", dtype=layers.compute_dtype(dtype),
-      param_dtype=jnp.float32, name=name,
-      kernel_init=nn.with_logical_partitioning(modules.clipped_normal(), (None, None, "conv_in", "conv_out")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+  return nnx.Conv(
+      in_features, features, (kernel, kernel), strides=stride, padding="SAME", dtype=layers.compute_dtype(dtype),
+      param_dtype=jnp.float32, rngs=rngs,
+      kernel_init=nnx.with_partitioning(modules.clipped_normal(), (None, None, "conv_in", "conv_out")),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("conv_out",)))
 
 
-def _norm(x: jax.Array, groups: int, name: str) -> jax.Array:
+def _norm(features: int, groups: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
   """GroupNorm in float32 over (H, W, channels of the group), with gcd(groups, channels) groups. The variance is
   the two-pass mean((x - mean)^2), as jnp.var computes it (Flax's default one-pass E[x^2] - E[x]^2 loses digits)."""
-  return nn.GroupNorm(
-      num_groups=math.gcd(groups, x.shape[-1]), epsilon=1e-6, use_fast_variance=False, dtype=jnp.float32,
-      param_dtype=jnp.float32, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("channels",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("channels",)))(x)
+  return nnx.GroupNorm(
+      features, num_groups=math.gcd(groups, features), epsilon=1e-6, use_fast_variance=False, dtype=jnp.float32,
+      param_dtype=jnp.float32, rngs=rngs,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones, ("channels",)),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("channels",)))
 
 
-class ResBlock(nn.Module):
+class ResBlock(nnx.Module):
   """GroupNorm, SiLU, conv 3x3, twice, plus a skip (a 1x1 conv when the width changes)."""
 
-  features: int
-  groups: int
-  dtype: str
+  def __init__(self, in_features: int, features: int, groups: int, dtype: str, *, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.norm1 = _norm(in_features, groups, rngs)
+    self.conv1 = _conv(in_features, features, dtype, rngs)
+    self.norm2 = _norm(features, groups, rngs)
+    self.conv2 = _conv(features, features, dtype, rngs)
+    if in_features != features:
+      self.skip = _conv(in_features, features, dtype, rngs, kernel=1)
 
-  @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = _conv(self.features, self.dtype, "conv1")(nn.silu(_norm(x, self.groups, "norm1")))
-    h = _conv(self.features, self.dtype, "conv2")(nn.silu(_norm(h, self.groups, "norm2")))
-    if x.shape[-1] != self.features:
-      skip = _conv(self.features, self.dtype, "skip", kernel=1)(x)
-    else:
-      skip = x.astype(layers.compute_dtype(self.dtype))
+    h = self.conv1(nnx.silu(self.norm1(x)))
+    h = self.conv2(nnx.silu(self.norm2(h)))
+    skip = self.skip(x) if hasattr(self, "skip") else x.astype(layers.compute_dtype(self.dtype))
     return skip + h
 
 
-class Level(nn.Module):
+class Level(nnx.Module):
   """One resolution: `num_res_blocks` ResBlocks (res0, res1, ...), then optionally a change of resolution to
   `resample_features` channels: "down" (a stride-2 conv) or "up" (nearest-neighbour 2x, then a conv)."""
 
-  features: int
-  num_res_blocks: int
-  groups: int
-  dtype: str
-  resample: str | None = None
-  resample_features: int = 0
+  def __init__(self, in_features: int, features: int, num_res_blocks: int, groups: int, dtype: str,
+               resample: str | None = None, resample_features: int = 0, *, rngs: nnx.Rngs):
+    if resample not in ("down", "up", None):
+      raise ValueError(f"Level resample = {resample!r}, expected 'down', 'up' or None")
+    self.num_res_blocks, self.resample = num_res_blocks, resample
+    for j in range(num_res_blocks):  # attributes res0, res1, ...: the parameter tree's names
+      setattr(self, f"res{j}", ResBlock(in_features if j == 0 else features, features, groups, dtype, rngs=rngs))
+    if resample == "down":
+      self.down = _conv(features, resample_features, dtype, rngs, stride=2)
+    elif resample == "up":
+      self.up = _conv(features, resample_features, dtype, rngs)
 
-  @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for j in range(self.num_res_blocks):
-      x = ResBlock(self.features, self.groups, self.dtype, name=f"res{j}")(x)
+      x = getattr(self, f"res{j}")(x)
     if self.resample == "down":
-      x = _conv(self.resample_features, self.dtype, "down", stride=2)(x)
+      x = self.down(x)
     elif self.resample == "up":
-      x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-      x = _conv(self.resample_features, self.dtype, "up")(x)
-    elif self.resample is not None:
-      raise ValueError(f"Level resample = {self.resample!r}, expected 'down', 'up' or None")
+      x = self.up(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
     return x
 
 
-class Encoder(nn.Module):
-  """Frames [N, H, W, 3] -> posterior moments [N, h, w, 2c] (mean, then log-variance), in float32."""
+class Encoder(nnx.Module):
+  """Frames [N, H, W, 3] -> posterior moments [N, h, w, 2c] (mean, then log-variance), in float32. `widths`: conv
+  channels per resolution level."""
 
-  widths: tuple[int, ...]  # conv channels per resolution level
-  latent_channels: int
-  num_res_blocks: int
-  groups: int
-  dtype: str
+  def __init__(self, widths: tuple[int, ...], latent_channels: int, num_res_blocks: int, groups: int, dtype: str,
+               *, rngs: nnx.Rngs):
+    self.num_levels = len(widths)
+    self.conv_in = _conv(3, widths[0], dtype, rngs)
+    for i, width in enumerate(widths):
+      last = i + 1 == len(widths)
+      setattr(self, f"level{i}", Level(width, width, num_res_blocks, groups, dtype, resample=None if last else "down",
+                                        resample_features=0 if last else widths[i + 1], rngs=rngs))
+    self.mid = ResBlock(widths[-1], widths[-1], groups, dtype, rngs=rngs)
+    self.norm_out = _norm(widths[-1], groups, rngs)
+    self.conv_out = _conv(widths[-1], 2 * latent_channels, dtype, rngs)
 
-  @nn.compact
   def __call__(self, x_NHWC: jax.Array) -> jax.Array:
-    x = _conv(self.widths[0], self.dtype, "conv_in")(x_NHWC)
-    for i, width in enumerate(self.widths):
-      last = i + 1 == len(self.widths)
-      x = Level(width, self.num_res_blocks, self.groups, self.dtype, resample=None if last else "down",
-                resample_features=0 if last else self.widths[i + 1], name=f"level{i}")(x)
-    x = ResBlock(self.widths[-1], self.groups, self.dtype, name="mid")(x)
-    x = nn.silu(_norm(x, self.groups, "norm_out"))
-    return _conv(2 * self.latent_channels, self.dtype, "conv_out")(x).astype(jnp.float32)
+    x = self.conv_in(x_NHWC)
+    for i in range(self.num_levels):
+      x = getattr(self, f"level{i}")(x)
+    x = self.mid(x)
+    return self.conv_out(nnx.silu(self.norm_out(x))).astype(jnp.float32)
 
 
-class Decoder(nn.Module):
+class Decoder(nnx.Module):
   """Latents [N, h, w, c] (unnormalised) -> frames [N, H, W, 3], in float32: the encoder mirrored, with
   nearest-neighbour upsampling."""
 
-  widths: tuple[int, ...]
-  num_res_blocks: int
-  groups: int
-  dtype: str
+  def __init__(self, widths: tuple[int, ...], latent_channels: int, num_res_blocks: int, groups: int, dtype: str,
+               *, rngs: nnx.Rngs):
+    self.num_levels = len(widths)
+    self.conv_in = _conv(latent_channels, widths[-1], dtype, rngs)
+    self.mid = ResBlock(widths[-1], widths[-1], groups, dtype, rngs=rngs)
+    for i in reversed(range(len(widths))):
+      setattr(self, f"level{i}", Level(widths[i], widths[i], num_res_blocks, groups, dtype,
+                                        resample="up" if i else None, resample_features=widths[i - 1] if i else 0,
+                                        rngs=rngs))
+    self.norm_out = _norm(widths[0], groups, rngs)
+    self.conv_out = _conv(widths[0], 3, dtype, rngs)
 
-  @nn.compact
   def __call__(self, z_NHWC: jax.Array) -> jax.Array:
-    x = _conv(self.widths[-1], self.dtype, "conv_in")(z_NHWC)
-    x = ResBlock(self.widths[-1], self.groups, self.dtype, name="mid")(x)
-    for i in reversed(range(len(self.widths))):
-      x = Level(self.widths[i], self.num_res_blocks, self.groups, self.dtype, resample="up" if i else None,
-                resample_features=self.widths[i - 1] if i else 0, name=f"level{i}")(x)
-    x = nn.silu(_norm(x, self.groups, "norm_out"))
-    return _conv(3, self.dtype, "conv_out")(x).astype(jnp.float32)
+    x = self.mid(self.conv_in(z_NHWC))
+    for i in reversed(range(self.num_levels)):
+      x = getattr(self, f"level{i}")(x)
+    return self.conv_out(nnx.silu(self.norm_out(x))).astype(jnp.float32)
 
 
-class VAE(nn.Module):
+class VAE(nnx.Module):
   """The autoencoder's two halves; its parameters are {"encoder": ..., "decoder": ...}."""
 
-  widths: tuple[int, ...]
-  latent_channels: int
-  num_res_blocks: int
-  groups: int
-  dtype: str
-
-  def setup(self):
-    self.encoder = Encoder(self.widths, self.latent_channels, self.num_res_blocks, self.groups, self.dtype)
-    self.decoder = Decoder(self.widths, self.num_res_blocks, self.groups, self.dtype)
+  def __init__(self, widths: tuple[int, ...], latent_channels: int, num_res_blocks: int, groups: int, dtype: str,
+               *, rngs: nnx.Rngs):
+    self.encoder = Encoder(widths, latent_channels, num_res_blocks, groups, dtype, rngs=rngs)
+    self.decoder = Decoder(widths, latent_channels, num_res_blocks, groups, dtype, rngs=rngs)
 
   def encode(self, x_NHWC: jax.Array) -> jax.Array:
     return self.encoder(x_NHWC)
@@ -174,40 +181,50 @@ class VAE(nn.Module):
     return self.decoder(z_NHWC)
 
   def __call__(self, x_NHWC: jax.Array) -> jax.Array:
-    """Reconstruction of the posterior mean (creates both halves' parameters on `init`)."""
+    """Reconstruction of the posterior mean."""
     return self.decode(jnp.split(self.encode(x_NHWC), 2, axis=-1)[0])
 
 
-def _module(config: ml_collections.ConfigDict) -> VAE:
+def _hyper(config: ml_collections.ConfigDict) -> tuple:
+  """The VAE's constructor arguments from the config, hashable (the graphdef cache's key)."""
   v = config.vae
-  return VAE(widths=tuple(v.channels * m for m in v.channel_mult), latent_channels=v.latent_channels,
-             num_res_blocks=v.num_res_blocks, groups=v.norm_groups, dtype=v.dtype)
+  return (tuple(int(v.channels * m) for m in v.channel_mult), int(v.latent_channels), int(v.num_res_blocks),
+          int(v.norm_groups), str(v.dtype))
 
 
-def _example_frames(config: ml_collections.ConfigDict) -> jax.Array:
-  """The smallest frame batch `init` can trace: one frame of compression x compression pixels."""
-  s = config_lib.compression(config)
-  return jnp.zeros((1, s, s, 3), jnp.float32)
+def _maker(hyper: tuple):
+  return lambda rngs: VAE(*hyper, rngs=rngs)
+
+
+@functools.lru_cache(maxsize=32)
+def _graphdef(hyper: tuple) -> nnx.GraphDef:
+  """The VAE's static structure for these constructor arguments, built abstractly once."""
+  return modules.graphdef(_maker(hyper))
+
+
+def _module(params: Params, config: ml_collections.ConfigDict) -> VAE:
+  """The VAE of `config` computing with `params` (plain dicts): the cached graphdef merged with them."""
+  return modules.bind(_graphdef(_hyper(config)), params)
 
 
 def vae_init(rng: jax.Array, config: ml_collections.ConfigDict) -> Params:
   """The autoencoder's parameters (plain nested dicts): conv kernels a standard normal clipped to +-2, over
   sqrt(fan_in); conv biases zero; norms scale one and bias zero."""
-  return modules.init_params(_module(config), rng, _example_frames(config))
+  return modules.init_params(_maker(_hyper(config)), rng)
 
 
 def vae_logical_axes(config: ml_collections.ConfigDict):
   """Logical axis names of `vae_init`'s parameters (same structure, PartitionSpec leaves), from their Flax
   partitioning metadata."""
-  return modules.param_logical_axes(_module(config), _example_frames(config))
+  return modules.param_logical_axes(_maker(_hyper(config)))
 
 
 def _encoder(params: Params, config: ml_collections.ConfigDict, x_NHWC: jax.Array) -> jax.Array:
-  return _module(config).apply({"params": params}, x_NHWC, method=VAE.encode)
+  return _module(params, config).encode(x_NHWC)
 
 
 def _decoder(params: Params, config: ml_collections.ConfigDict, z_NHWC: jax.Array) -> jax.Array:
-  return _module(config).apply({"params": params}, z_NHWC, method=VAE.decode)
+  return _module(params, config).decode(z_NHWC)
 
 
 def _check_frames(config, frames: jax.Array) -> None:
