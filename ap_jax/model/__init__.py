@@ -19,7 +19,7 @@ Public API (pure functions over plain parameter pytrees; see ap_jax/model/README
   flow.*                                                  schedule, time sampling, noising, loss, Euler step
   flops.denoiser_train_step_flops / vae_train_step_flops  analytic FLOPs
   sharding.logical_sharding(mesh, rules), sharding.constrain(x, names), sharding.tree_shardings(axes, mesh, rules)
-  modules.init_params / param_logical_axes / clipped_normal  the Flax boundary (the VAE is Flax Linen modules)
+  modules.init_params / param_logical_axes / graphdef / bind / clipped_normal  the Flax NNX boundary
 """
 
 from ap_jax.model import attention, config, dit, flops, flow, layers, modules, rope, sharding, vae

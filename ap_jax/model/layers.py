@@ -4,7 +4,7 @@
 The DiT describes its weights once as a tree of `ParamSpec` (shape, logical axes, initializer). `init` draws the
 parameters from that tree and `logical_axes` reads the axis names from the same tree, so the params pytree and its
 logical-axes pytree can never disagree in structure. Layers are plain functions of (params, inputs); the jitted
-step sees only a dict of arrays. (The VAE is a Flax Linen module instead: ap_jax/model/vae.py.)
+step sees only a dict of arrays. (The VAE is Flax NNX modules instead: ap_jax/model/vae.py.)
 """
 
 from __future__ import annotations

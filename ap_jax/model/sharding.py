@@ -5,8 +5,9 @@ activates a rules table (logical name -> mesh axis or axes) and a mesh, and only
 `jax.lax.with_sharding_constraint`. Outside that context `constrain` returns its input unchanged, so CPU tests and
 single-device runs trace exactly the same code.
 
-Flax does the name resolution (`nn.logical_to_mesh_axes`, in `logical_to_spec`), and the Flax modules' parameters
-carry their names as Flax partitioning metadata (`modules.param_logical_axes`). What stays here is what Flax does
+Flax does the name resolution (Linen's `nn.logical_to_mesh_axes`, used as a utility in `logical_to_spec`: NNX has
+no equivalent with table-order semantics), and the NNX modules' parameters carry their names as partitioning
+metadata (`nnx.with_partitioning`, read by `modules.param_logical_axes`). What stays here is what Flax does
 not do: fitting one table to meshes that lack an axis (`rules_for_mesh`), replicating a dimension its mesh axes do
 not divide (`tree_shardings`), and the no-op-unless-activated context.
 
