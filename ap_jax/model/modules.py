@@ -17,6 +17,7 @@ built and bound here.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Sequence
 
@@ -43,6 +44,13 @@ def clipped_normal(scale: float = 1.0, out_axis: int | Sequence[int] = -1):
   return init
 
 
+def _no_eager_sharding():
+  """Context in which new Params are not sharded as they are created (flax >= 0.12's eager sharding); a no-op on
+  Flax versions without it."""
+  use = getattr(nnx, "use_eager_sharding", None)
+  return use(False) if use is not None else contextlib.nullcontext()
+
+
 def _pure(state: Any) -> dict:
   """A Flax State as plain nested dicts (no Variable boxes)."""
   return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
@@ -51,13 +59,13 @@ def _pure(state: Any) -> dict:
 def init_params(make: Callable[[nnx.Rngs], nnx.Module], rng: jax.Array) -> dict:
   """The module's parameters as plain nested dicts of arrays: its `nnx.Param` state, built with `nnx.Rngs(rng)`.
   Works under `jax.jit` and `jax.eval_shape` (the trainer creates sharded parameters that way)."""
-  with nnx.use_eager_sharding(False):
+  with _no_eager_sharding():
     return _pure(nnx.state(make(nnx.Rngs(rng)), nnx.Param))
 
 
 def abstract_module(make: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
   """The module with ShapeDtypeStructs for arrays (`nnx.eval_shape`): structure and metadata, nothing computed."""
-  with nnx.use_eager_sharding(False):
+  with _no_eager_sharding():
     return nnx.eval_shape(lambda: make(nnx.Rngs(0)))
 
 
@@ -91,5 +99,5 @@ def graphdef(make: Callable[[nnx.Rngs], nnx.Module]) -> nnx.GraphDef:
 
 def bind(graph: nnx.GraphDef, params: dict) -> nnx.Module:
   """A module computing with `params` (plain nested dicts of arrays, e.g. `init_params`'s, possibly traced)."""
-  with nnx.use_eager_sharding(False):
+  with _no_eager_sharding():
     return nnx.merge(graph, params)
