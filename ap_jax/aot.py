@@ -181,9 +181,9 @@ def compile_sample_step(config: ml_collections.ConfigDict, mesh, batch: int) -> 
   rules = mesh_lib.rules_from_config(config)
   mesh_lib.check_batch(batch, mesh, rules)
   model_config = ml_collections.ConfigDict(config.model.to_dict())
-  params_shape = jax.eval_shape(lambda key: dit_lib.init(key, model_config), jax.random.PRNGKey(0))
-  param_shardings = sharding_lib.tree_shardings(dit_lib.param_logical_axes(model_config), mesh, rules,
-                                                shapes=params_shape)
+  init = lambda key: dit_lib.init(key, model_config)
+  params_shape = jax.eval_shape(init, jax.random.PRNGKey(0))
+  param_shardings = state_lib.param_shardings(dit_lib.param_logical_axes(model_config), init, mesh, rules)
   h, w = locate.frame_hw(config)
   frames = int(config.data.clip_steps) + 1
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)

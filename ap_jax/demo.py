@@ -18,9 +18,16 @@ import os
 import time
 from typing import Any, Sequence
 
+from ap_jax import sample as sample_lib
+from ap_jax import viz
 from ap_jax.data import dataset as dataset_lib
-from ap_jax.data import tfds_builder
 from ap_jax.data import locate
+from ap_jax.data import tfds_builder
+from ap_jax.eval import cases as cases_lib
+from ap_jax.eval import render as render_lib
+from ap_jax.eval import report
+from ap_jax.eval import run as run_lib
+from ap_jax.train import config_utils
 from ap_jax.train import restore as restore_lib
 from ap_jax.train import trainer
 
@@ -44,8 +51,6 @@ VARIANTS: dict[str, list[str]] = {
 
 def _config(arg: str, overrides: Sequence[str], base: str = TINY):
   """`base` (a config file or name, with its own arguments after a colon) with `arg` added to its arguments."""
-  from ap_jax.train import config_utils
-
   path, _, base_args = base.partition(":")
   args = ",".join(a for a in (base_args, arg) if a)
   return config_utils.apply_overrides(config_utils.load_config(f"{path}:{args}"), list(overrides))
@@ -86,8 +91,6 @@ def train_stages(out: str, data_dir: str | None, *, ae_steps: int, dit_steps: in
 
 
 def _sampler(trained, denoise_steps: int):
-  from ap_jax import sample as sample_lib
-
   return sample_lib.Sampler.from_trained(trained, denoise_steps=denoise_steps)
 
 
@@ -95,9 +98,6 @@ def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps:
              eval_episodes: int = 24, eval_steps: int = 16, denoise_steps: int = 10, seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
   """The main job on the built-in game; returns (and writes) `results.json`'s contents."""
-  from ap_jax import evaluate, viz
-  from ap_jax.eval import metrics
-
   os.makedirs(out, exist_ok=True)
   seconds: dict[str, float] = {}
   start = time.time()
@@ -114,29 +114,29 @@ def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps:
   trained = restore_lib.load_trained(dit_dir)
   sampler = _sampler(trained, denoise_steps)
   start = time.time()
-  [case] = evaluate.fresh_builtin_cases(trained.config, (4, 4), 1, eval_steps)
-  frames, positions, _ = evaluate.run_cases(sampler, [case], seed=seed, batch_size=1)
-  video, records = evaluate.render(case, frames[0], positions[0])
+  [case] = cases_lib.fresh_builtin_cases(trained.config, (4, 4), 1, eval_steps)
+  frames, positions, _ = run_lib.run_cases(sampler, [case], seed=seed, batch_size=1)
+  video, records = render_lib.render(case, frames[0], positions[0])
   video_path = viz.write_video(video, os.path.join(out, "rollout_4p.mp4"))
   # The same rollout as a still: the true game (top) above the generated frames (bottom), first 9 frames.
   viz.write_strip([list(case.truth["frames"][:9]), list(frames[0][:9])], os.path.join(out, "rollout_4p.png"))
-  evaluate.write_json(dict(case=case.name, players=case.num_players, steps=records),
+  report.write_json(dict(case=case.name, players=case.num_players, steps=records),
                       os.path.join(out, "rollout_4p.json"))
   seconds["sample_video"] = time.time() - start
   log.info("[demo 3/4] wrote %s", video_path)
 
   start = time.time()
-  cases = evaluate.dataset_cases(trained.config, "test", range(eval_episodes), eval_steps)
-  results = evaluate.evaluate(trained, cases, seed=seed, batch_size=8, denoise_steps=denoise_steps)
+  cases = cases_lib.dataset_cases(trained.config, "test", range(eval_episodes), eval_steps)
+  results = run_lib.evaluate(trained, cases, seed=seed, batch_size=8, denoise_steps=denoise_steps)
   seconds["evaluate"] = time.time() - start
   results.update(video=os.path.abspath(video_path), workdirs=dict(data=data_dir, autoencoder=ae_dir,
                                                                    denoiser=dit_dir),
                  demo_seconds=seconds, demo_settings=dict(episodes=episodes, ae_steps=ae_steps,
                                                           dit_steps=dit_steps, eval_episodes=eval_episodes,
                                                           eval_steps=eval_steps, denoise_steps=denoise_steps))
-  evaluate.write_json(results, os.path.join(out, "results.json"))
+  report.write_json(results, os.path.join(out, "results.json"))
   log.info("[demo 4/4] evaluated %d held-out episodes (%.0fs)", len(cases), seconds["evaluate"])
-  print(metrics.markdown_table(results))
+  print(report.markdown_table(results))
   hold = results["baselines"]["hold_initial_frame"]
   print(f"baseline, holding the initial frame: movement_accuracy {hold['movement_accuracy']:.3f}  "
         f"subject_preservation {hold['subject_preservation']:.3f}  psnr {hold['psnr']:.2f}")
@@ -157,8 +157,6 @@ def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 800, dit_s
   fresh episodes of each count in `eval_players` (Melting Pot: of the training substrates, counts they allow); a
   Melting Pot variant also on `eval_episodes` of the test split and of the held-out substrates
   (`data.heldout_substrates`), whole episodes."""
-  from ap_jax import evaluate
-
   names = list(variants or VARIANTS)
   unknown = [n for n in names if n not in VARIANTS]
   if unknown:
@@ -182,53 +180,20 @@ def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 800, dit_s
     train_s = time.time() - start
     trained = restore_lib.load_trained(dit_dir)
     start = time.time()
-    cases = evaluate.fresh_cases(trained.config, eval_players, episodes_per_count, eval_steps)
-    results = evaluate.evaluate(trained, cases, seed=seed, batch_size=8, denoise_steps=denoise_steps)
+    cases = cases_lib.fresh_cases(trained.config, eval_players, episodes_per_count, eval_steps)
+    results = run_lib.evaluate(trained, cases, seed=seed, batch_size=8, denoise_steps=denoise_steps)
     if meltingpot:  # also the dataset's own test split, and the substrates held out of training
       for key, path in (("test_split", locate.resolve_dataset(trained.config.data)),
                         ("heldout", locate.resolve_dataset(trained.config.data, heldout=True))):
-        more = evaluate.dataset_dir_cases(path, "test", range(eval_episodes), None)
-        results[key] = evaluate.evaluate(trained, more, seed=seed, batch_size=8, denoise_steps=denoise_steps)
+        more = cases_lib.dataset_dir_cases(path, "test", range(eval_episodes), None)
+        results[key] = run_lib.evaluate(trained, more, seed=seed, batch_size=8, denoise_steps=denoise_steps)
     results["seconds"] = dict(train=train_s, evaluate=time.time() - start)
     table[name] = results
     log.info("variant %s: movement %.3f, subjects %.3f", name, results["movement_accuracy"],
              results["subject_preservation"])
-    evaluate.write_json(table, os.path.join(out, "comparison.json"))
-  markdown = comparison_markdown(table, eval_players, train_players)
+    report.write_json(table, os.path.join(out, "comparison.json"))
+  markdown = report.comparison_markdown(table, eval_players, train_players)
   with open(os.path.join(out, "comparison.md"), "w") as f:
     f.write(markdown)
   print(markdown)
   return table
-
-
-def comparison_markdown(table: dict[str, Any], eval_players: tuple[int, int],
-                        train_players: tuple[int, int] = COMPARE_PLAYERS) -> str:
-  keys = ("movement_accuracy", "subject_preservation", "tracking_error_px", "psnr")
-
-  def fmt(value):
-    return "-" if value is None else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-
-  lines = ["| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-  for name, res in table.items():
-    lines.append(f"| {name} | " + " | ".join(fmt(res.get(k)) for k in keys) + " |")
-  hold = next((res["baselines"]["hold_initial_frame"] for res in table.values() if "baselines" in res), None)
-  if hold is not None:  # the same cases for every variant: one row
-    lines.append("| (hold the initial frame) | " + " | ".join(fmt(hold.get(k)) for k in keys) + " |")
-  for key, title in (("test_split", "The training substrates' test split"),
-                     ("heldout", "Substrates held out of training")):  # Melting Pot
-    if not any(key in res for res in table.values()):
-      continue
-    lines += ["", f"{title}:", "", "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for name, res in table.items():
-      if key in res:
-        lines.append(f"| {name} | " + " | ".join(fmt(res[key].get(k)) for k in keys) + " |")
-    hold = next(res[key]["baselines"]["hold_initial_frame"] for res in table.values() if key in res)
-    lines.append("| (hold the initial frame) | " + " | ".join(fmt(hold.get(k)) for k in keys) + " |")
-  counts = list(range(eval_players[0], eval_players[1] + 1))
-  lines += ["", f"Movement accuracy by number of players (trained on {train_players[0]}-{train_players[1]}):", "",
-            "| variant | " + " | ".join(str(n) for n in counts) + " |", "|---|" + "---|" * len(counts)]
-  for name, res in table.items():
-    by = res.get("by_players", {})
-    lines.append(f"| {name} | " + " | ".join(fmt(by.get(str(n), {}).get("movement_accuracy")) for n in counts)
-                 + " |")
-  return "\n".join(lines) + "\n"

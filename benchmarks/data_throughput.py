@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from ap_jax.bench import game_steps_per_second
+from ap_jax.bench.data import game_steps_per_second
 from ap_jax.data import dataset, pipeline, tfds_builder
 
 

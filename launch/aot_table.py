@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     return 0
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                       datefmt="%H:%M:%S")
-  from ap_jax import aot, evaluate
+  from ap_jax import aot
+  from ap_jax.eval import report as report_lib
   from ap_jax.train import config_utils
 
   for name in names:
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     config = config_utils.apply_overrides(config_utils.load_config("base"), overrides)
     report = aot.run_aot(config, aot.parse_topology(topology, slices))
     report.update(config="base", overrides=overrides, seconds=time.time() - start)
-    evaluate.write_json(report, path)
+    report_lib.write_json(report, path)
     print(aot.format_report(report), flush=True)
   reports = {}
   for name in ROWS:

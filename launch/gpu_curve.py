@@ -187,20 +187,22 @@ def main(argv=None) -> int:
 def score(workdir: str, path: str, per_count: int, steps: int, denoise_steps: int) -> None:
   """Scores a trained arm on fresh 1-8 player episodes (the comparison's cases and seeds)."""
   logging.basicConfig(level=logging.INFO)
-  from ap_jax import evaluate
+  from ap_jax.eval import cases as cases_lib
+  from ap_jax.eval import report as report_lib
+  from ap_jax.eval import run as run_lib
   from ap_jax.train import restore
 
   t0 = time.time()
   trained = restore.load_trained(workdir)
-  cases = evaluate.fresh_builtin_cases(trained.config, (1, 8), per_count, steps)
-  results = evaluate.evaluate(trained, cases, seed=0, batch_size=8, denoise_steps=denoise_steps)
+  cases = cases_lib.fresh_builtin_cases(trained.config, (1, 8), per_count, steps)
+  results = run_lib.evaluate(trained, cases, seed=0, batch_size=8, denoise_steps=denoise_steps)
   out = {k: results.get(k) for k in KEYS}
   out.update(reached_step=int(trained.step),
              by_players={n: v.get("movement_accuracy") for n, v in results["by_players"].items()},
              by_step={n: v.get("movement_accuracy") for n, v in results.get("by_step", {}).items()},
              hold_initial_frame={k: results["baselines"]["hold_initial_frame"].get(k) for k in KEYS},
              eval_s=time.time() - t0)
-  evaluate.write_json(out, path)
+  report_lib.write_json(out, path)
   print(json.dumps(out), flush=True)
 
 
@@ -268,9 +270,9 @@ def plot(report: dict, path: str) -> None:
 
 
 def write(out: str, report: dict, logs: str) -> None:
-  from ap_jax import evaluate
+  from ap_jax.eval import report as report_lib
 
-  evaluate.write_json(report, os.path.join(out, "curve.json"))
+  report_lib.write_json(report, os.path.join(out, "curve.json"))
   text = markdown(report)
   with open(os.path.join(out, "curve.md"), "w") as f:
     f.write(text)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ap_jax import actions as A
-from ap_jax.data import dataset, pipeline, schema, tfds_builder
+from ap_jax.data import dataset, frames, pipeline, schema, tfds_builder
 from ap_jax.games import gridgame as G
 
 SPEC = tfds_builder.GenerationSpec(episodes=40, steps=6, players=(1, 4), chunk=16)
@@ -65,6 +65,19 @@ def test_pipeline_clips_match_their_episodes(data_dir):
       np.testing.assert_array_equal(batch["actions"][b][:, slot], ep["actions"][start:start + 3, p])
       np.testing.assert_array_equal(batch["positions"][b][:, slot], ep["positions"][start:start + 4, p])
       np.testing.assert_array_equal(batch["orientations"][b][:, slot], ep["orientations"][start:start + 4, p])
+
+
+def test_frames_go_to_the_model_range_and_back_exactly():
+  # One normalisation for the pipeline, latent encoding and the sampler: uint8 x -> x * 2/255 - 1 in float32.
+  pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=-1)
+  scaled = frames.to_model_range(pixels)
+  assert scaled.dtype == np.float32 and scaled.min() == -1.0 and scaled.max() == 1.0
+  np.testing.assert_array_equal(scaled, pixels.astype(np.float32) * (2.0 / 255.0) - 1.0)
+  np.testing.assert_array_equal(frames.to_uint8(scaled), pixels)
+  np.testing.assert_array_equal(frames.to_model_range(scaled), scaled)  # floats are taken as already in range
+  np.testing.assert_array_equal(frames.to_uint8(np.array([-1.5, 0.0, 2.0])), [0, 128, 255])  # rounded, clipped
+  with pytest.raises(ValueError, match="frames have dtype int32, expected uint8 or floating point"):
+    frames.to_model_range(pixels.astype(np.int32))
 
 
 def test_latent_episodes_give_the_same_clips_with_latents_for_frames(data_dir):

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from ap_jax import actions as A
-from ap_jax.eval import action_files, detector, metrics, replay
+from ap_jax.eval import action_files, detector, metrics, replay, report
+from ap_jax.eval import cases as cases_lib
+from ap_jax.eval import run as run_lib
 from ap_jax.games import gridgame
 
 CONFIG = gridgame.GameConfig()
@@ -305,7 +307,7 @@ def test_aggregate_pools_by_players_and_steps(episodes):
   assert results["by_step"][str(step)]["subject_preservation"] == pytest.approx(1 - 1 / 5)
   assert results["by_step"][str(step + 1)]["subject_preservation"] == 1.0
   assert results["tracking_error_px"] is None  # no predicted coordinates were given
-  table = metrics.markdown_table(results)
+  table = report.markdown_table(results)
   assert "| 3 players |" in table and f"| step {STEPS} |" in table and "Detector on real frames" in table
   json.dumps(results)  # results.json must serialise
 
@@ -392,12 +394,10 @@ def test_write_strip_lays_rows_out_sharp(tmp_path):
 
 
 def test_hold_initial_frame_baseline_scores_exactly_the_steps_where_nothing_changes(truth3, episodes):
-  from ap_jax import evaluate
-
   ep = next(e for e in episodes if len(e["colors"]) >= 3)
-  case = evaluate.Case(frame=truth3["frames"][0], positions=ep["positions"][0], actions=ep["actions"],
-                       colors=ep["colors"], truth=truth3, name="t", seed=0)
-  hold = evaluate.hold_initial_frame_baseline([case])
+  case = cases_lib.Case(frame=truth3["frames"][0], positions=ep["positions"][0], actions=ep["actions"],
+                        colors=ep["colors"], truth=truth3, name="t", seed=0)
+  hold = run_lib.hold_initial_frame_baseline([case])
   cells, facing = np.asarray(truth3["cells"]), np.asarray(truth3["orientations"])
   unchanged = np.all(cells[1:] == cells[:-1], axis=-1) & (facing[1:] == facing[:-1])  # [T, P]
   assert hold["movement_accuracy"] == pytest.approx(unchanged.mean())
@@ -405,20 +405,19 @@ def test_hold_initial_frame_baseline_scores_exactly_the_steps_where_nothing_chan
 
 
 def test_comparison_table_has_a_row_per_variant_and_one_for_the_static_baseline():
-  from ap_jax import demo
-
   row = lambda ma: dict(movement_accuracy=ma, subject_preservation=0.5, tracking_error_px=None, psnr=18.25,
                         by_players={"2": dict(movement_accuracy=ma)},
                         baselines={"hold_initial_frame": dict(movement_accuracy=0.5, subject_preservation=1.0,
                                                               psnr=21.75)})
-  lines = demo.comparison_markdown({"full": row(0.25), "global_actions": row(0.125)}, (1, 2)).splitlines()
+  lines = report.comparison_markdown({"full": row(0.25), "global_actions": row(0.125)}, (1, 2),
+                                     (2, 7)).splitlines()
   assert lines[2] == "| full | 0.250 | 0.500 | - | 18.2 |"
   assert lines[3] == "| global_actions | 0.125 | 0.500 | - | 18.2 |"
   assert lines[4] == "| (hold the initial frame) | 0.500 | 1.000 | - | 21.8 |"
   assert lines[-1] == "| global_actions | - | 0.125 |"
   # Melting Pot rows: the test split and the held-out substrates, each with its own held frame.
   full = dict(row(0.25), heldout=row(0.75))
-  lines = demo.comparison_markdown({"full": full, "global_actions": row(0.125)}, (1, 2)).splitlines()
+  lines = report.comparison_markdown({"full": full, "global_actions": row(0.125)}, (1, 2), (2, 7)).splitlines()
   held = lines.index("Substrates held out of training:")
   assert lines[held + 4:held + 6] == ["| full | 0.750 | 0.500 | - | 18.2 |",
                                       "| (hold the initial frame) | 0.500 | 1.000 | - | 21.8 |"]

@@ -1,4 +1,5 @@
-"""The detector learned from labelled true frames (ap_jax.eval.learned_detector), and scoring with it.
+"""The detector learned from labelled true frames (ap_jax.eval.template_detector, on the grid of
+ap_jax.eval.cell_grid), fitted for Melting Pot (ap_jax.eval.learned_detector), and scoring with it.
 
 On the built-in game (no extra needed) the learned detector must read true frames exactly as the hand-built one
 does. On Melting Pot (the `meltingpot` extra; skipped without it) it must read held-out true frames of several
@@ -12,11 +13,12 @@ import numpy as np
 import pytest
 
 from ap_jax import actions as A
-from ap_jax.eval import detector, learned_detector as L, metrics, replay
+from ap_jax.eval import cell_grid, detector, learned_detector as L, metrics, replay
+from ap_jax.eval.template_detector import TemplateDetector
 from ap_jax.games import gridgame
 
 CONFIG = gridgame.GameConfig()
-GRID = L.Grid(cell_size=CONFIG.cell_size, top=0, left=0, rows=CONFIG.grid_height, cols=CONFIG.grid_width)
+GRID = cell_grid.Grid(cell_size=CONFIG.cell_size, top=0, left=0, rows=CONFIG.grid_height, cols=CONFIG.grid_width)
 
 
 def _builtin(seeds, steps=12):
@@ -32,11 +34,11 @@ def _builtin(seeds, steps=12):
 def builtin_fit():
   frames, cells, orientations, colors = _builtin(range(900, 916))
   visible = np.ones(cells.shape[:2], bool)
-  return L.TemplateDetector.fit(frames, cells, orientations, visible, colors, GRID, name="builtin")
+  return TemplateDetector.fit(frames, cells, orientations, visible, colors, GRID, name="builtin")
 
 
 def test_grid_tiles_and_centres():
-  grid = L.Grid(cell_size=2, top=3, left=5, rows=4, cols=6)
+  grid = cell_grid.Grid(cell_size=2, top=3, left=5, rows=4, cols=6)
   frames = np.zeros((2, 16, 20, 3), np.uint8)
   frames[1, 3 + 2 * 2:3 + 3 * 2, 5 + 4 * 2:5 + 5 * 2] = 200  # cell (2, 4) of frame 1
   tiles = grid.tiles(frames)
@@ -46,7 +48,12 @@ def test_grid_tiles_and_centres():
   with pytest.raises(ValueError, match="too small for 4 x 6 cells"):
     grid.tiles(np.zeros((1, 8, 8, 3), np.uint8))
   with pytest.raises(ValueError, match="Grid.cell_size = 0"):
-    L.Grid(cell_size=0, top=0, left=0, rows=1, cols=1)
+    cell_grid.Grid(cell_size=0, top=0, left=0, rows=1, cols=1)
+
+
+def test_the_melting_pot_module_still_names_the_grid_and_the_detector():
+  assert L.Grid is cell_grid.Grid and L.player_visible is cell_grid.player_visible
+  assert L.TemplateDetector is TemplateDetector
 
 
 def test_learned_detector_reads_builtin_frames_as_the_hand_built_one(builtin_fit):
@@ -75,7 +82,7 @@ def test_players_of_one_colour_are_a_group_and_are_not_scored():
   colors = colors.copy()
   colors[5] = colors[2]  # as if players 2 and 5 were drawn alike
   visible = np.ones(cells.shape[:2], bool)
-  det = L.TemplateDetector.fit(frames, cells, orientations, visible, colors, GRID)
+  det = TemplateDetector.fit(frames, cells, orientations, visible, colors, GRID)
   assert (2, 5) in det.groups
   assert not det.identifiable[2] and not det.identifiable[5] and det.identifiable[[0, 1, 3, 4, 6, 7]].all()
   acc = det.accuracy(frames, cells, orientations, visible)
@@ -85,20 +92,20 @@ def test_players_of_one_colour_are_a_group_and_are_not_scored():
 
 def test_player_visible_sees_an_erased_avatar():
   frames, cells, _, colors = _builtin(range(970, 971), steps=3)
-  assert L.player_visible(frames, cells, colors, GRID).all()
+  assert cell_grid.player_visible(frames, cells, colors, GRID).all()
   erased = frames.copy()
   y, x = cells[2, 4]
   erased[2, y * 8:(y + 1) * 8, x * 8:(x + 1) * 8] = gridgame.FLOOR_COLOR
-  visible = L.player_visible(erased, cells, colors, GRID)
+  visible = cell_grid.player_visible(erased, cells, colors, GRID)
   assert not visible[2, 4] and visible.sum() == visible.size - 1
   outside = cells.copy()
   outside[0, 0] = (-1, 0)
-  assert not L.player_visible(frames, outside, colors, GRID)[0, 0]
+  assert not cell_grid.player_visible(frames, outside, colors, GRID)[0, 0]
 
 
 def test_save_and_load_round_trip(builtin_fit, tmp_path):
   path = builtin_fit.save(str(tmp_path / "d" / "builtin.npz"))
-  loaded = L.TemplateDetector.load(path)
+  loaded = TemplateDetector.load(path)
   assert loaded.grid == builtin_fit.grid and loaded.groups == builtin_fit.groups
   np.testing.assert_array_equal(loaded.masks_LVD, builtin_fit.masks_LVD)
   assert [p.name for p in (tmp_path / "d").iterdir()] == ["builtin.npz"]  # no temporary file left behind
@@ -109,9 +116,9 @@ def test_save_and_load_round_trip(builtin_fit, tmp_path):
 def test_fit_rejects_mismatched_shapes():
   frames, cells, orientations, colors = _builtin(range(900, 901), steps=2)
   with pytest.raises(ValueError, match=r"expected \[N, H, W, 3\], \[N, P, 2\], \[N, P\], \[N, P\]"):
-    L.TemplateDetector.fit(frames, cells, orientations[:1], np.ones(cells.shape[:2], bool), colors, GRID)
+    TemplateDetector.fit(frames, cells, orientations[:1], np.ones(cells.shape[:2], bool), colors, GRID)
   with pytest.raises(ValueError, match=r"colors has shape \(7, 3\), expected \[8, 3\]"):
-    L.TemplateDetector.fit(frames, cells, orientations, np.ones(cells.shape[:2], bool), colors[:7], GRID)
+    TemplateDetector.fit(frames, cells, orientations, np.ones(cells.shape[:2], bool), colors[:7], GRID)
 
 
 # ------------------------------------------------------------------------------------------------------------

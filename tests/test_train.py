@@ -721,6 +721,20 @@ def test_mesh_flags_name_a_mesh_over_the_first_devices():
     mesh_lib.mesh_from_spec("data=16")
 
 
+def test_batch_shards_and_batch_sharding_follow_the_batch_rule():
+  # One helper for the trainer's batch check and the sampler's padding and placement: the batch dimension goes over
+  # the mesh axes the `batch` rule names that the mesh has, and the shard count is the product of their sizes.
+  mesh = mesh_lib.mesh_from_spec("data=2,fsdp=2,tensor=2")
+  rules = mesh_lib.rules_from_config(config_utils.load_config(f"{TINY}:runlocal"))
+  assert mesh_lib.batch_shards(mesh, rules) == 4
+  assert mesh_lib.batch_sharding(mesh, rules).spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+  assert mesh_lib.batch_shards(mesh_lib.mesh_from_spec("tensor=8"), rules) == 1
+  assert mesh_lib.batch_shards(mesh, (("batch", "data"),)) == 2
+  assert mesh_lib.batch_shards(mesh, (("batch", None),)) == 1
+  with pytest.raises(mesh_lib.MeshError, match="global batch 6 does not divide over the 4 batch shards"):
+    mesh_lib.check_batch(6, mesh, rules)
+
+
 def test_autoencoder_crops_on_subjects_contain_a_real_player():
   """`autoencoder_crop_on_subjects=1` puts a real player inside every crop of a frame that has one; padding slots
   are never chosen; frames of clips without players fall back to uniform crops; bad fractions are refused."""

@@ -45,6 +45,7 @@ import grain
 import numpy as np
 
 from ap_jax import actions as A
+from ap_jax.data import frames as frames_lib
 
 LIVE_SEED_OFFSET = 300_000_000  # live episodes never share seeds with stored splits (see tfds_builder)
 
@@ -132,7 +133,7 @@ def make_clip(episode: dict[str, Any], config: PipelineConfig, rng: np.random.Ge
       start=np.int32(start),
   )
   if frames is not None:
-    clip["frames"] = frames.astype(np.float32) * (2.0 / 255.0) - 1.0 if config.frames_dtype == "float32" else frames
+    clip["frames"] = frames_lib.to_model_range(frames) if config.frames_dtype == "float32" else frames
   if latents is not None:
     clip["latents"] = latents
   return clip

@@ -1,4 +1,5 @@
-"""Metrics of a generated rollout against the true game, and their aggregation into a results dict and a table.
+"""Metrics of a generated rollout against the true game, and their aggregation into a results dict (drawn as a
+table by `ap_jax.eval.report.markdown_table`).
 
 A rollout of T steps is T+1 generated frames `gen_frames_THWC` (index 0 is the conditioning frame the model was
 given, indices 1..T are generated) and the true game's replay of the same actions from the same seed (`truth`, as
@@ -308,43 +309,3 @@ def aggregate(scores: Sequence[Mapping[str, Any]], *, detector: Mapping[str, Any
       str(t): _pool([_steps_slice(s, t) for s in scores if len(s["psnr"]) >= t]) for t in range(1, max_steps + 1)
   }
   return results
-
-
-_COLUMNS = (("MA", "movement_accuracy", "{:.3f}"), ("SA", "state_accuracy", "{:.3f}"),
-            ("SP", "subject_preservation", "{:.3f}"), ("interact", "interact_accuracy", "{:.3f}"),
-            ("track px", "tracking_error_px", "{:.2f}"),
-            ("extra", "extra_players", "{:.3f}"), ("PSNR dB", "psnr", "{:.2f}"), ("SSIM", "ssim", "{:.3f}"))
-
-
-def _row(label: str, row: Mapping[str, Any]) -> str:
-  cells = [label] + [("-" if row.get(key) is None else fmt.format(row[key])) for _, key, fmt in _COLUMNS]
-  return "| " + " | ".join(cells + [str(row["player_steps"])]) + " |"
-
-
-def markdown_table(results: Mapping[str, Any]) -> str:
-  """The results as Markdown: one row for all rollouts, then one per substrate (when several), per player count and
-  per rollout step. MA = movement accuracy, SA = state accuracy, SP = subject preservation, interact = INTERACT
-  effect accuracy, extra = frames with a foreign player."""
-  header = "| | " + " | ".join(name for name, _, _ in _COLUMNS) + " | player-steps |"
-  lines = [header, "|" + "---|" * (len(_COLUMNS) + 2), _row("all", results)]
-  by_substrate = results.get("by_substrate", {})
-  if len(by_substrate) > 1 or "meltingpot" in results.get("sources", ()):
-    lines += [_row(name, row) for name, row in by_substrate.items()]
-  lines += [_row(f"{n} players", row) for n, row in results["by_players"].items()]
-  lines += [_row(f"step {t}", row) for t, row in results["by_step"].items()]
-  if "detector" in results:
-    det = results["detector"]
-    lines.append("")
-    acc = "n/a" if det.get("player_accuracy") is None else f"{det['player_accuracy']:.4f}"
-    lines.append(f"Detector on real frames: {acc} of {det['player_instances']} player instances exact (cell and "
-                 f"facing); false detections in {det['false_detections']:.4f} of frames.")
-    skipped = det.get("skipped_instances", 0)
-    if skipped:
-      lines.append(f"Not scored: {skipped} instances of players drawn alike ("
-                   + "; ".join(f"{name}: players {row['groups']}" for name, row in det.get("by_substrate", {}).items()
-                               if row.get("groups")) + ").")
-    for name, row in det.get("by_substrate", {}).items():
-      if row.get("facing_unreadable"):
-        lines.append(f"{name}: facing cannot be read for players {row['facing_unreadable']}; their movement is "
-                     "scored by the change of cell.")
-  return "\n".join(lines)

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ap_jax import pytree
+
 log = logging.getLogger(__name__)
 
 
@@ -86,17 +88,13 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
   return jnp.sum(_mix(words + position * jnp.uint32(0x9E3779B9)), dtype=jnp.uint32)
 
 
-def _key_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 _checksums_jit = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
 
 
 def state_checksums(state: Any) -> dict[str, int]:
   """{'params/blocks/attn/q': 1234..., ...}: one uint32 checksum per array of `state` (sharded or not)."""
   sums = jax.device_get(_checksums_jit(state))
-  return {_key_name(path): int(np.asarray(v)) for path, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+  return {pytree.path_name(path): int(np.asarray(v)) for path, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
 def verify_checksums(state: Any, expected: dict[str, int] | None, *, what: str) -> bool:

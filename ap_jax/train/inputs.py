@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ap_jax.data import dataset as dataset_lib
+from ap_jax.data import frames as frames_lib
 from ap_jax.data import locate
 from ap_jax.data import pipeline as pipeline_lib
 from ap_jax.model import vae as vae_lib
@@ -74,7 +75,7 @@ def encode_source(source, vae_params, model_config, *, batch_frames: int = 128, 
       bar.close()
       return None
     idx = range(start, min(start + per_call, len(source)))
-    frames = np.stack([np.asarray(source[i]["frames"]) for i in idx]).astype(np.float32) * (2.0 / 255.0) - 1.0
+    frames = frames_lib.to_model_range(np.stack([np.asarray(source[i]["frames"]) for i in idx]))
     if len(idx) < per_call:  # one compiled shape: pad the last call
       frames = np.concatenate([frames, np.zeros((per_call - len(idx),) + frames.shape[1:], frames.dtype)])
     latents = np.asarray(jax.device_get(encode(vae_params, frames)))[:len(idx)]

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ap_jax import pytree
+
 NO_DECAY_NAMES = ("bias", "scale", "norm", "modulation", "gamma", "beta")
 
 
@@ -40,7 +42,7 @@ def decay_mask(params):
   """True where weight decay applies: matrices and conv kernels, not norms, biases or gains."""
 
   def decide(path, leaf):
-    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+    names = pytree.path_names(path)
     if any(any(tag in name.lower() for tag in NO_DECAY_NAMES) for name in names[-1:]):
       return False
     core_rank = leaf.ndim - (1 if "blocks" in names else 0)

@@ -110,9 +110,10 @@ def random_crops(frames_BTHWC: jax.Array, size: int, rng: jax.Array,
   convolutional, so crops teach it the same thing as whole frames at a fraction of the cost.
 
   `subjects` = (positions [B, T, P, 2] in pixels (y, x), player_mask [B, P], fraction): that fraction of the crops
-  contains a real player, drawn at random, anywhere in the crop's middle half (clipped to the frame). Players
-  are a few percent of a large canvas, so uniform crops mostly show the floor: on Melting Pot's 128 x 128 kitchens
-  they left the sprites blurred (docs/research_log.md entry 25). Frames of clips without players keep uniform crops.
+  contains a real player, drawn at random, anywhere in the crop's middle half (clipped to the frame); frames of
+  clips without players keep uniform crops. Players are a few percent of a large canvas, so uniform crops mostly
+  show the floor; but on Melting Pot's kitchens half the crops on players did not sharpen the sprites (SP 0.386
+  against 0.418; docs/research_log.md entry 25), so configs leave it off.
   """
   b, t, h, w, c = frames_BTHWC.shape
   if size > min(h, w):

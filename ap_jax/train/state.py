@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ap_jax import pytree
 from ap_jax.data import locate
 from ap_jax.model import config as model_config_lib
 from ap_jax.model import sharding as sharding_lib
@@ -30,21 +31,17 @@ PEAK_FLOPS = {
 }
 
 
-def _path_names(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", "")))) for k in path)
-
-
 def shardings_like(tree_shapes, param_shardings, params_shapes, mesh) -> Any:
   """Shardings for an optimizer-state-like tree: a leaf whose path ends with a parameter's path and has that
   parameter's shape gets the parameter's sharding (Adam's mu and nu); anything else is replicated."""
   by_path = {}
   for (path, sh), (_, shape) in zip(jax.tree_util.tree_flatten_with_path(param_shardings)[0],
                                     jax.tree_util.tree_flatten_with_path(params_shapes)[0]):
-    by_path[_path_names(path)] = (sh, shape.shape)
+    by_path[pytree.path_names(path)] = (sh, shape.shape)
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def pick(path, leaf):
-    names = _path_names(path)
+    names = pytree.path_names(path)
     for start in range(len(names)):
       hit = by_path.get(names[start:])
       if hit is not None and tuple(hit[1]) == tuple(leaf.shape):
