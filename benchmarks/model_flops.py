@@ -71,7 +71,7 @@ def main(argv=None) -> None:
         "latent_hw": list(lat),
         "video_tokens_per_frame": tokens,
         "sequence_length": args.frames * (tokens + cfg.max_players),
-        "dit_params": layers.count_params(dit.param_specs(cfg)),
+        "dit_params": layers.count_params(jax.eval_shape(lambda: dit.init(jax.random.key(0), cfg))),
         "vae_params": layers.count_params(jax.eval_shape(lambda: vae.vae_init(jax.random.key(0), cfg))),
         "dit_forward_flops": fwd["total"],
         "dit_train_step_flops": flops.denoiser_train_step_flops(cfg, args.batch, args.frames, lat),

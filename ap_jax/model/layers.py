@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -164,16 +164,11 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
-def remat(fn: Callable, policy_name: str, prevent_cse: bool = True) -> Callable:
-  """Wraps a block function in `jax.checkpoint` with a policy named in the config.
-
-  Pass prevent_cse=False for a body run under `lax.scan`, where CSE across iterations cannot happen anyway and
-  the extra barriers only cost performance (JAX's advice)."""
-  if policy_name not in REMAT_POLICIES:
-    raise ValueError(f"remat_policy = {policy_name!r}, expected one of {sorted(REMAT_POLICIES)}")
-  if policy_name == "none":
-    return fn
-  return jax.checkpoint(fn, policy=REMAT_POLICIES[policy_name], prevent_cse=prevent_cse)
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy named in the config (REMAT_POLICIES), None for "none" (no rematerialisation)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy = {name!r}, expected one of {sorted(REMAT_POLICIES)}")
+  return REMAT_POLICIES[name]
 
 
 def compute_dtype(name: str):
