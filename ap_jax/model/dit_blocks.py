@@ -242,7 +242,8 @@ def patchify(x_BFhwc: jax.Array, patch_size: int) -> jax.Array:
   """[B, F, h, w, c] -> [B, F, N, ps ps c], patches in row-major order (video token (i, j) is patch i X + j)."""
   b, f, h, w, c = x_BFhwc.shape
   ps = patch_size
-  return x_BFhwc.reshape(b, f, h // ps, ps, w // ps, ps, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, f, -1, ps * ps * c)
+  patches = x_BFhwc.reshape(b, f, h // ps, ps, w // ps, ps, c).transpose(0, 1, 2, 4, 3, 5, 6)
+  return patches.reshape(b, f, -1, ps * ps * c)
 
 
 def unpatchify(x_BFNp: jax.Array, patch_size: int, hw: tuple[int, int]) -> jax.Array:
