@@ -269,7 +269,7 @@ def test_bad_inputs_name_the_problem():
   with pytest.raises(ValueError, match="not divisible by dit.patch_size"):
     dit.apply(params, cfg, dict(inputs, latents=jnp.zeros((B, F, 7, 8, 4))))
   with pytest.raises(ValueError, match="remat_policy = 'sometimes'"):
-    layers.remat(lambda x: x, "sometimes")
+    layers.remat_policy("sometimes")
   with pytest.raises(ValueError, match="unknown model config 'huge'"):
     config_lib.get_model_config("huge")
 

@@ -15,6 +15,13 @@ def test_logical_to_spec_uses_first_free_rule_and_drops_missing_mesh_axes():
   assert sharding.logical_to_spec(("kv", "unknown", None), rules) == PartitionSpec(None, None, None)
   assert sharding.logical_to_spec(("batch", "embed"), rules, mesh_axes=("data", "tensor")) == PartitionSpec(
       "data", "tensor")
+  # Rules apply in table order (Flax's nn.logical_to_mesh_axes, as maxtext): an earlier rule takes its mesh axis
+  # first, whatever the dimension order of the array.
+  table_order = (("embed", "fsdp"), ("batch", ("data", "fsdp")))
+  assert sharding.logical_to_spec(("batch", "embed"), table_order) == PartitionSpec(None, "fsdp")
+  # A config's rules hold lists; one mesh axis comes out as its name.
+  config_rules = [["batch", ["data"]], ["mlp", ["fsdp", "tensor"]]]
+  assert sharding.logical_to_spec(("batch", "mlp"), config_rules) == PartitionSpec("data", ("fsdp", "tensor"))
 
 
 def test_constrain_is_a_no_op_without_context_and_checks_rank_with_one():

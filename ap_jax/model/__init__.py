@@ -19,7 +19,9 @@ Public API (pure functions over plain parameter pytrees; see ap_jax/model/README
   flow.*                                                  schedule, time sampling, noising, loss, Euler step
   flops.denoiser_train_step_flops / vae_train_step_flops  analytic FLOPs
   sharding.logical_sharding(mesh, rules), sharding.constrain(x, names), sharding.tree_shardings(axes, mesh, rules)
+  modules.init_params / param_logical_axes / graphdef / bind / clipped_normal  the Flax NNX boundary
+  (the modules: vae.VAE; dit_model.DiT built of dit_blocks.Block, Attention, Head; subjects: the subject state)
 """
 
-from ap_jax.model import attention, config, dit, flops, flow, layers, rope, sharding, vae
+from ap_jax.model import attention, config, dit, flops, flow, layers, modules, rope, sharding, vae
 from ap_jax.model.config import get_model_config

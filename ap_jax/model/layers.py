@@ -1,105 +1,21 @@
-"""Parameter specs and the small layers the VAE and the DiT are built from (plain JAX, no hidden state).
-
-Each model part describes its weights once as a tree of `ParamSpec` (shape, logical axes, initializer). `init`
-draws the parameters from that tree and `logical_axes` reads the axis names from the same tree, so the params
-pytree and its logical-axes pytree can never disagree in structure. Layers are plain functions of
-(params, inputs); the jitted step sees only a dict of arrays.
+"""The model's own numerics, as plain functions (no parameters): LayerNorm and RMSNorm in float32 (with an optional
+materialized gradient), the sinusoidal time embedding, the named remat policies, `compute_dtype` and
+`count_params`. The Flax NNX modules (vae.py, dit_blocks.py, dit_model.py) call these where Flax's own layers would
+compute something else.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamSpec:
-  """One weight: its shape, one logical axis name per dimension, and how to initialise it.
-
-  init: "normal" (std = scale / sqrt(fan_in)), "zeros", "ones" or "embedding" (std = scale).
-  """
-  shape: tuple[int, ...]
-  axes: tuple[str | None, ...]
-  init: str = "normal"
-  fan_in: int = 1
-  scale: float = 1.0
-
-  def __post_init__(self):
-    if len(self.shape) != len(self.axes):
-      raise ValueError(f"ParamSpec shape {self.shape} has {len(self.shape)} dims but axes {self.axes} name "
-                       f"{len(self.axes)}")
-    if self.init not in ("normal", "zeros", "ones", "embedding"):
-      raise ValueError(f"ParamSpec init {self.init!r}, expected normal, zeros, ones or embedding")
-
-
-def _is_spec(x) -> bool:
-  return isinstance(x, ParamSpec)
-
-
-def stack_specs(specs, depth: int, axis_name: str = "layers"):
-  """Prepends a `layers` dimension of size `depth` to every spec (for `jax.lax.scan` over blocks)."""
-  return jax.tree.map(
-      lambda s: dataclasses.replace(s, shape=(depth,) + s.shape, axes=(axis_name,) + s.axes), specs,
-      is_leaf=_is_spec)
-
-
-def init_from_specs(rng: jax.Array, specs, dtype=jnp.float32):
-  """Draws a params pytree (same structure as `specs`) with one independent key per leaf."""
-  leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
-  keys = jax.random.split(rng, max(len(leaves), 1))
-  out = []
-  for key, s in zip(keys, leaves):
-    if s.init == "zeros":
-      out.append(jnp.zeros(s.shape, dtype))
-    elif s.init == "ones":
-      out.append(jnp.ones(s.shape, dtype))
-    elif s.init == "embedding":
-      out.append(s.scale * jax.random.normal(key, s.shape, dtype))
-    else:
-      std = s.scale / math.sqrt(max(s.fan_in, 1))
-      # Clipped rather than truncated normal: truncated_normal's inverse-erf sampler makes init compile ~10x
-      # slower, and the two differ only in the 5% of draws beyond 2 sigma.
-      out.append(std * jnp.clip(jax.random.normal(key, s.shape, dtype), -2.0, 2.0))
-  return jax.tree.unflatten(treedef, out)
-
-
-def axes_from_specs(specs):
-  """The logical-axes pytree: same structure as the params, leaves are PartitionSpecs of logical names."""
-  return jax.tree.map(lambda s: PartitionSpec(*s.axes), specs, is_leaf=_is_spec)
-
-
-def shapes_from_specs(specs, dtype=jnp.float32):
-  """ShapeDtypeStructs of the params, without allocating them."""
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), specs, is_leaf=_is_spec)
 
 
 def count_params(tree) -> int:
-  """Number of scalars in a params (or specs) pytree."""
-  leaves = jax.tree.leaves(tree, is_leaf=_is_spec)
-  return int(sum(math.prod(l.shape) for l in leaves))
-
-
-# ----------------------------------------------------------------------------------------------------- layers
-
-def dense_spec(d_in: int, d_out: int, axes_in: str | None, axes_out: str | None, bias: bool = True,
-               scale: float = 1.0) -> dict[str, ParamSpec]:
-  spec = {"kernel": ParamSpec((d_in, d_out), (axes_in, axes_out), "normal", fan_in=d_in, scale=scale)}
-  if bias:
-    spec["bias"] = ParamSpec((d_out,), (axes_out,), "zeros")
-  return spec
-
-
-def dense(p: dict[str, jax.Array], x: jax.Array, dtype) -> jax.Array:
-  """x @ kernel + bias, computed in `dtype` (bfloat16 matmuls, float32 master weights)."""
-  y = jnp.einsum("...i,io->...o", x.astype(dtype), p["kernel"].astype(dtype))
-  if "bias" in p:
-    y = y + p["bias"].astype(dtype)
-  return y
+  """Number of scalars in a params pytree (arrays or ShapeDtypeStructs)."""
+  return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
 
 
 @jax.custom_vjp
@@ -163,16 +79,11 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
-def remat(fn: Callable, policy_name: str, prevent_cse: bool = True) -> Callable:
-  """Wraps a block function in `jax.checkpoint` with a policy named in the config.
-
-  Pass prevent_cse=False for a body run under `lax.scan`, where CSE across iterations cannot happen anyway and
-  the extra barriers only cost performance (JAX's advice)."""
-  if policy_name not in REMAT_POLICIES:
-    raise ValueError(f"remat_policy = {policy_name!r}, expected one of {sorted(REMAT_POLICIES)}")
-  if policy_name == "none":
-    return fn
-  return jax.checkpoint(fn, policy=REMAT_POLICIES[policy_name], prevent_cse=prevent_cse)
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy named in the config (REMAT_POLICIES), None for "none" (no rematerialisation)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy = {name!r}, expected one of {sorted(REMAT_POLICIES)}")
+  return REMAT_POLICIES[name]
 
 
 def compute_dtype(name: str):

@@ -1,9 +1,15 @@
-"""Logical axis names and the one helper that turns them into sharding constraints.
+"""Logical axis names, and how a rules table turns them into shardings and sharding constraints.
 
-Every weight (see `param_logical_axes`) and every large activation carries logical axis names. The model never
-names a mesh axis: the trainer activates a rules table (logical name -> mesh axis or axes) and a mesh, and only
-then does `constrain` emit `jax.lax.with_sharding_constraint`. Outside that context `constrain` returns its input
-unchanged, so CPU tests and single-device runs trace exactly the same code.
+Every weight and every large activation carries logical axis names. The model never names a mesh axis: the trainer
+activates a rules table (logical name -> mesh axis or axes) and a mesh, and only then does `constrain` emit
+`jax.lax.with_sharding_constraint`. Outside that context `constrain` returns its input unchanged, so CPU tests and
+single-device runs trace exactly the same code.
+
+Flax does the name resolution (Linen's `nn.logical_to_mesh_axes`, used as a utility in `logical_to_spec`: NNX has
+no equivalent with table-order semantics), and the NNX modules' parameters carry their names as partitioning
+metadata (`nnx.with_partitioning`, read by `modules.param_logical_axes`). What stays here is what Flax does
+not do: fitting one table to meshes that lack an axis (`rules_for_mesh`), replicating a dimension its mesh axes do
+not divide (`tree_shardings`), and the no-op-unless-activated context.
 
 Logical names used by ap_jax.model:
   batch       examples                       length    tokens in a self-attention sequence (all frames)
@@ -22,6 +28,7 @@ import contextlib
 import threading
 from typing import Iterator, Sequence
 
+import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -74,34 +81,29 @@ def active() -> tuple[Mesh, tuple] | None:
   return stack[-1] if stack else None
 
 
+def rules_for_mesh(rules: LogicalRules, mesh_axes: Sequence[str] | None = None) -> tuple:
+  """The rules with every mesh axis absent from `mesh_axes` dropped; a rule left with none is removed (its name
+  then falls through to its next rule), so one table serves meshes that lack an axis. A rule to None stays. Mesh
+  axes come out as a name, or a tuple of two or more (a config's lists included)."""
+  out = []
+  for logical, physical in rules:
+    axes = (physical,) if isinstance(physical, str) else tuple(physical or ())
+    kept = tuple(a for a in axes if mesh_axes is None or a in mesh_axes)
+    if axes and not kept:
+      continue
+    out.append((logical, None if not kept else (kept[0] if len(kept) == 1 else kept)))
+  return tuple(out)
+
+
 def logical_to_spec(names: Sequence[str | None], rules: LogicalRules,
                     mesh_axes: Sequence[str] | None = None) -> PartitionSpec:
-  """Maps logical axis names to a PartitionSpec of mesh axes.
-
-  For each name the first rule whose mesh axes are not yet used in this spec wins (as in maxtext), so a table
-  may list fallbacks. Mesh axes absent from `mesh_axes` (when given) are dropped, and a rule left with none is
-  skipped, so one table serves meshes that lack an axis. A rule mapping to None means "replicate".
+  """Maps logical axis names to a PartitionSpec of mesh axes, by Flax's `nn.logical_to_mesh_axes` (maxtext's
+  rule): rules are tried in table order, and a rule applies when its name is an unassigned dimension of `names`
+  and none of its mesh axes is used yet, so a table may list fallbacks. A rule to None means "replicate"; a name
+  no rule assigns is replicated; a name may appear once in `names` (Flax raises otherwise). With `mesh_axes`, the
+  rules are first fitted to the mesh (`rules_for_mesh`).
   """
-  used: set[str] = set()
-  out = []
-  for name in names:
-    choice = None
-    if name is not None:
-      for logical, physical in rules:
-        if logical != name:
-          continue
-        axes = (physical,) if isinstance(physical, str) else tuple(physical or ())
-        if mesh_axes is not None and axes:
-          axes = tuple(a for a in axes if a in mesh_axes)
-          if not axes:
-            continue  # every axis of this rule is missing from the mesh: try the next rule
-        if any(a in used for a in axes):
-          continue
-        used.update(axes)
-        choice = None if not axes else (axes[0] if len(axes) == 1 else axes)
-        break
-    out.append(choice)
-  return PartitionSpec(*out)
+  return nn.logical_to_mesh_axes(tuple(names), rules_for_mesh(rules, mesh_axes))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -6,7 +6,7 @@ c latent channels, C conv channels.
 Interface (the only thing the denoiser and trainer use, so a pretrained video VAE such as Wan2.1's can replace
 this one behind it):
   vae_init(rng, config) -> params
-  vae_logical_axes(config) -> logical-axes pytree (same structure)
+  vae_logical_axes(config) -> logical-axes pytree (same structure, PartitionSpec leaves)
   vae_encode(params, config, frames_BTHWC, rng=None) -> latents_BThwc, scaled for the denoiser
   vae_decode(params, config, latents_BThwc) -> frames_BTHWC in about [-1, 1]
   vae_loss(params, config, frames_BTHWC, rng) -> (loss, metrics)
@@ -18,6 +18,15 @@ conv 3x3, twice, plus skip) and a stride-2 conv down; a middle ResBlock; GroupNo
 (mean, log-variance). The decoder mirrors it with nearest-neighbour upsampling + conv. Nearest upsampling suits
 pixel art: sprites are blocky, and it avoids checkerboard artefacts of transposed convs.
 
+Modules: Flax NNX (`VAE` = `Encoder` + `Decoder`, built of `Level`s of `ResBlock`s over `nnx.Conv` and
+`nnx.GroupNorm`, every `nnx.Param` carrying logical axis names via `nnx.with_partitioning`); the functions above are
+the pure boundary around them (ap_jax/model/modules.py): `vae_init` returns the Param state as plain dicts, and the
+forward functions merge such params into the cached graphdef of the config's VAE (`nnx.merge`), so jitted steps see
+plain pytrees only. Attributes are named so the parameters are the tree the hand-written VAE had ({"encoder":
+{"conv_in", "level0": {"res0": {"norm1", "conv1", ...}, "down"}, ..., "mid", "norm_out", "conv_out"}, "decoder":
+{...}}, every leaf the same shape and logical axes): autoencoder checkpoints written before the move to Flax restore
+as they are.
+
 Loss: l1_weight |x - x^| + mse_weight (x - x^)^2 (per-pixel means, foreground pixels weighted up by
 `foreground_weight`, see `foreground_weights`) + kl_weight KL(q(z|x) || N(0, I)) (per-latent
 mean). L1 is median-seeking, so flat colours come out exact and edges sharp instead of the blur MSE alone gives;
@@ -28,121 +37,194 @@ pixel-art frames are simple enough not to need them.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from ap_jax.model import config as config_lib
 from ap_jax.model import layers
-from ap_jax.model.layers import ParamSpec
+from ap_jax.model import modules
 
 Params = dict[str, Any]
 
-
-def _conv_spec(c_in: int, c_out: int, k: int = 3) -> dict:
-  return {"kernel": ParamSpec((k, k, c_in, c_out), (None, None, "conv_in", "conv_out"), "normal", fan_in=k * k * c_in),
-          "bias": ParamSpec((c_out,), ("conv_out",), "zeros")}
+# ------------------------------------------------------------------------------------------------------ modules
 
 
-def _norm_spec(c: int) -> dict:
-  return {"scale": ParamSpec((c,), ("channels",), "ones"), "bias": ParamSpec((c,), ("channels",), "zeros")}
+def _conv(in_features: int, features: int, dtype: str, rngs: nnx.Rngs, kernel: int = 3, stride: int = 1) -> nnx.Conv:
+  """A "SAME" conv computed in `dtype` on float32 weights; the HWIO kernel's channels are named conv_in, conv_out."""
+  return nnx.Conv(
+      in_features, features, (kernel, kernel), strides=stride, padding="SAME", dtype=layers.compute_dtype(dtype),
+      param_dtype=jnp.float32, rngs=rngs,
+      kernel_init=nnx.with_partitioning(modules.clipped_normal(), (None, None, "conv_in", "conv_out")),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("conv_out",)))
 
 
-def _resblock_spec(c_in: int, c_out: int) -> dict:
-  spec = {"norm1": _norm_spec(c_in), "conv1": _conv_spec(c_in, c_out), "norm2": _norm_spec(c_out),
-          "conv2": _conv_spec(c_out, c_out)}
-  if c_in != c_out:
-    spec["skip"] = _conv_spec(c_in, c_out, 1)
-  return spec
+def _norm(features: int, groups: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
+  """GroupNorm in float32 over (H, W, channels of the group), with gcd(groups, channels) groups. The variance is
+  the two-pass mean((x - mean)^2), as jnp.var computes it (Flax's default one-pass E[x^2] - E[x]^2 loses digits)."""
+  return nnx.GroupNorm(
+      features, num_groups=math.gcd(groups, features), epsilon=1e-6, use_fast_variance=False, dtype=jnp.float32,
+      param_dtype=jnp.float32, rngs=rngs,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones, ("channels",)),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("channels",)))
 
 
-def vae_specs(config: ml_collections.ConfigDict) -> dict:
+class ResBlock(nnx.Module):
+  """GroupNorm, SiLU, conv 3x3, twice, plus a skip (a 1x1 conv when the width changes)."""
+
+  def __init__(self, in_features: int, features: int, groups: int, dtype: str, *, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.norm1 = _norm(in_features, groups, rngs)
+    self.conv1 = _conv(in_features, features, dtype, rngs)
+    self.norm2 = _norm(features, groups, rngs)
+    self.conv2 = _conv(features, features, dtype, rngs)
+    if in_features != features:
+      self.skip = _conv(in_features, features, dtype, rngs, kernel=1)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.conv1(nnx.silu(self.norm1(x)))
+    h = self.conv2(nnx.silu(self.norm2(h)))
+    skip = self.skip(x) if hasattr(self, "skip") else x.astype(layers.compute_dtype(self.dtype))
+    return skip + h
+
+
+class Level(nnx.Module):
+  """One resolution: `num_res_blocks` ResBlocks (res0, res1, ...), then optionally a change of resolution to
+  `resample_features` channels: "down" (a stride-2 conv) or "up" (nearest-neighbour 2x, then a conv)."""
+
+  def __init__(self, in_features: int, features: int, num_res_blocks: int, groups: int, dtype: str,
+               resample: str | None = None, resample_features: int = 0, *, rngs: nnx.Rngs):
+    if resample not in ("down", "up", None):
+      raise ValueError(f"Level resample = {resample!r}, expected 'down', 'up' or None")
+    self.num_res_blocks, self.resample = num_res_blocks, resample
+    for j in range(num_res_blocks):  # attributes res0, res1, ...: the parameter tree's names
+      setattr(self, f"res{j}", ResBlock(in_features if j == 0 else features, features, groups, dtype, rngs=rngs))
+    if resample == "down":
+      self.down = _conv(features, resample_features, dtype, rngs, stride=2)
+    elif resample == "up":
+      self.up = _conv(features, resample_features, dtype, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for j in range(self.num_res_blocks):
+      x = getattr(self, f"res{j}")(x)
+    if self.resample == "down":
+      x = self.down(x)
+    elif self.resample == "up":
+      x = self.up(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+    return x
+
+
+class Encoder(nnx.Module):
+  """Frames [N, H, W, 3] -> posterior moments [N, h, w, 2c] (mean, then log-variance), in float32. `widths`: conv
+  channels per resolution level."""
+
+  def __init__(self, widths: tuple[int, ...], latent_channels: int, num_res_blocks: int, groups: int, dtype: str,
+               *, rngs: nnx.Rngs):
+    self.num_levels = len(widths)
+    self.conv_in = _conv(3, widths[0], dtype, rngs)
+    for i, width in enumerate(widths):
+      last = i + 1 == len(widths)
+      setattr(self, f"level{i}", Level(width, width, num_res_blocks, groups, dtype, resample=None if last else "down",
+                                        resample_features=0 if last else widths[i + 1], rngs=rngs))
+    self.mid = ResBlock(widths[-1], widths[-1], groups, dtype, rngs=rngs)
+    self.norm_out = _norm(widths[-1], groups, rngs)
+    self.conv_out = _conv(widths[-1], 2 * latent_channels, dtype, rngs)
+
+  def __call__(self, x_NHWC: jax.Array) -> jax.Array:
+    x = self.conv_in(x_NHWC)
+    for i in range(self.num_levels):
+      x = getattr(self, f"level{i}")(x)
+    x = self.mid(x)
+    return self.conv_out(nnx.silu(self.norm_out(x))).astype(jnp.float32)
+
+
+class Decoder(nnx.Module):
+  """Latents [N, h, w, c] (unnormalised) -> frames [N, H, W, 3], in float32: the encoder mirrored, with
+  nearest-neighbour upsampling."""
+
+  def __init__(self, widths: tuple[int, ...], latent_channels: int, num_res_blocks: int, groups: int, dtype: str,
+               *, rngs: nnx.Rngs):
+    self.num_levels = len(widths)
+    self.conv_in = _conv(latent_channels, widths[-1], dtype, rngs)
+    self.mid = ResBlock(widths[-1], widths[-1], groups, dtype, rngs=rngs)
+    for i in reversed(range(len(widths))):
+      setattr(self, f"level{i}", Level(widths[i], widths[i], num_res_blocks, groups, dtype,
+                                        resample="up" if i else None, resample_features=widths[i - 1] if i else 0,
+                                        rngs=rngs))
+    self.norm_out = _norm(widths[0], groups, rngs)
+    self.conv_out = _conv(widths[0], 3, dtype, rngs)
+
+  def __call__(self, z_NHWC: jax.Array) -> jax.Array:
+    x = self.mid(self.conv_in(z_NHWC))
+    for i in reversed(range(self.num_levels)):
+      x = getattr(self, f"level{i}")(x)
+    return self.conv_out(nnx.silu(self.norm_out(x))).astype(jnp.float32)
+
+
+class VAE(nnx.Module):
+  """The autoencoder's two halves; its parameters are {"encoder": ..., "decoder": ...}."""
+
+  def __init__(self, widths: tuple[int, ...], latent_channels: int, num_res_blocks: int, groups: int, dtype: str,
+               *, rngs: nnx.Rngs):
+    self.encoder = Encoder(widths, latent_channels, num_res_blocks, groups, dtype, rngs=rngs)
+    self.decoder = Decoder(widths, latent_channels, num_res_blocks, groups, dtype, rngs=rngs)
+
+  def encode(self, x_NHWC: jax.Array) -> jax.Array:
+    return self.encoder(x_NHWC)
+
+  def decode(self, z_NHWC: jax.Array) -> jax.Array:
+    return self.decoder(z_NHWC)
+
+  def __call__(self, x_NHWC: jax.Array) -> jax.Array:
+    """Reconstruction of the posterior mean."""
+    return self.decode(jnp.split(self.encode(x_NHWC), 2, axis=-1)[0])
+
+
+def _hyper(config: ml_collections.ConfigDict) -> tuple:
+  """The VAE's constructor arguments from the config, hashable (the graphdef cache's key)."""
   v = config.vae
-  chans = [v.channels * m for m in v.channel_mult]
-  enc: dict[str, Any] = {"conv_in": _conv_spec(3, chans[0])}
-  for i, ch in enumerate(chans):
-    enc[f"level{i}"] = {f"res{j}": _resblock_spec(ch, ch) for j in range(v.num_res_blocks)}
-    if i + 1 < len(chans):
-      enc[f"level{i}"]["down"] = _conv_spec(ch, chans[i + 1])
-  enc["mid"] = _resblock_spec(chans[-1], chans[-1])
-  enc["norm_out"] = _norm_spec(chans[-1])
-  enc["conv_out"] = _conv_spec(chans[-1], 2 * v.latent_channels)
+  return (tuple(int(v.channels * m) for m in v.channel_mult), int(v.latent_channels), int(v.num_res_blocks),
+          int(v.norm_groups), str(v.dtype))
 
-  dec: dict[str, Any] = {"conv_in": _conv_spec(v.latent_channels, chans[-1]), "mid": _resblock_spec(chans[-1], chans[-1])}
-  for i in reversed(range(len(chans))):
-    dec[f"level{i}"] = {f"res{j}": _resblock_spec(chans[i], chans[i]) for j in range(v.num_res_blocks)}
-    if i > 0:
-      dec[f"level{i}"]["up"] = _conv_spec(chans[i], chans[i - 1])
-  dec["norm_out"] = _norm_spec(chans[0])
-  dec["conv_out"] = _conv_spec(chans[0], 3)
-  return {"encoder": enc, "decoder": dec}
+
+def _maker(hyper: tuple):
+  return lambda rngs: VAE(*hyper, rngs=rngs)
+
+
+@functools.lru_cache(maxsize=32)
+def _graphdef(hyper: tuple) -> nnx.GraphDef:
+  """The VAE's static structure for these constructor arguments, built abstractly once."""
+  return modules.graphdef(_maker(hyper))
+
+
+def _module(params: Params, config: ml_collections.ConfigDict) -> VAE:
+  """The VAE of `config` computing with `params` (plain dicts): the cached graphdef merged with them."""
+  return modules.bind(_graphdef(_hyper(config)), params)
 
 
 def vae_init(rng: jax.Array, config: ml_collections.ConfigDict) -> Params:
-  return layers.init_from_specs(rng, vae_specs(config))
+  """The autoencoder's parameters (plain nested dicts): conv kernels a standard normal clipped to +-2, over
+  sqrt(fan_in); conv biases zero; norms scale one and bias zero."""
+  return modules.init_params(_maker(_hyper(config)), rng)
 
 
 def vae_logical_axes(config: ml_collections.ConfigDict):
-  return layers.axes_from_specs(vae_specs(config))
+  """Logical axis names of `vae_init`'s parameters (same structure, PartitionSpec leaves), from their Flax
+  partitioning metadata."""
+  return modules.param_logical_axes(_maker(_hyper(config)))
 
 
-# ------------------------------------------------------------------------------------------------------ layers
-
-def _conv(p: Params, x: jax.Array, dtype, stride: int = 1) -> jax.Array:
-  y = jax.lax.conv_general_dilated(
-      x.astype(dtype), p["kernel"].astype(dtype), window_strides=(stride, stride), padding="SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  return y + p["bias"].astype(dtype)
+def _encoder(params: Params, config: ml_collections.ConfigDict, x_NHWC: jax.Array) -> jax.Array:
+  return _module(params, config).encode(x_NHWC)
 
 
-def _group_norm(p: Params, x: jax.Array, groups: int, eps: float = 1e-6) -> jax.Array:
-  """GroupNorm in float32 over (H, W, channels of the group)."""
-  n, h, w, c = x.shape
-  g = math.gcd(groups, c)
-  x32 = x.astype(jnp.float32).reshape(n, h, w, g, c // g)
-  mean = jnp.mean(x32, axis=(1, 2, 4), keepdims=True)
-  var = jnp.var(x32, axis=(1, 2, 4), keepdims=True)
-  y = ((x32 - mean) * jax.lax.rsqrt(var + eps)).reshape(n, h, w, c)
-  return y * p["scale"] + p["bias"]
-
-
-def _resblock(p: Params, x: jax.Array, groups: int, dtype) -> jax.Array:
-  h = _conv(p["conv1"], jax.nn.silu(_group_norm(p["norm1"], x, groups)), dtype)
-  h = _conv(p["conv2"], jax.nn.silu(_group_norm(p["norm2"], h, groups)), dtype)
-  skip = _conv(p["skip"], x, dtype) if "skip" in p else x.astype(dtype)
-  return skip + h
-
-
-def _encoder(p: Params, v, x_NHWC: jax.Array) -> jax.Array:
-  dtype = layers.compute_dtype(v.dtype)
-  x = _conv(p["conv_in"], x_NHWC, dtype)
-  for i in range(len(v.channel_mult)):
-    level = p[f"level{i}"]
-    for j in range(v.num_res_blocks):
-      x = _resblock(level[f"res{j}"], x, v.norm_groups, dtype)
-    if "down" in level:
-      x = _conv(level["down"], x, dtype, stride=2)
-  x = _resblock(p["mid"], x, v.norm_groups, dtype)
-  x = _conv(p["conv_out"], jax.nn.silu(_group_norm(p["norm_out"], x, v.norm_groups)), dtype)
-  return x.astype(jnp.float32)
-
-
-def _decoder(p: Params, v, z_NHWC: jax.Array) -> jax.Array:
-  dtype = layers.compute_dtype(v.dtype)
-  x = _conv(p["conv_in"], z_NHWC, dtype)
-  x = _resblock(p["mid"], x, v.norm_groups, dtype)
-  for i in reversed(range(len(v.channel_mult))):
-    level = p[f"level{i}"]
-    for j in range(v.num_res_blocks):
-      x = _resblock(level[f"res{j}"], x, v.norm_groups, dtype)
-    if "up" in level:
-      x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-      x = _conv(level["up"], x, dtype)
-  x = _conv(p["conv_out"], jax.nn.silu(_group_norm(p["norm_out"], x, v.norm_groups)), dtype)
-  return x.astype(jnp.float32)
+def _decoder(params: Params, config: ml_collections.ConfigDict, z_NHWC: jax.Array) -> jax.Array:
+  return _module(params, config).decode(z_NHWC)
 
 
 def _check_frames(config, frames: jax.Array) -> None:
@@ -160,7 +242,7 @@ def encode_moments(params: Params, config: ml_collections.ConfigDict, frames_BTH
   """Posterior mean and log-variance [B, T, h, w, c] (unscaled), frame by frame."""
   _check_frames(config, frames_BTHWC)
   b, t, hh, ww, _ = frames_BTHWC.shape
-  out = _encoder(params["encoder"], config.vae, frames_BTHWC.reshape(b * t, hh, ww, 3))
+  out = _encoder(params, config, frames_BTHWC.reshape(b * t, hh, ww, 3))
   mean, logvar = jnp.split(out, 2, axis=-1)
   logvar = jnp.clip(logvar, -30.0, 20.0)
   shape = (b, t) + mean.shape[1:]
@@ -183,7 +265,7 @@ def vae_decode(params: Params, config: ml_collections.ConfigDict, latents_BThwc:
                      f"{config.vae.latent_channels}]")
   z = latents_BThwc / config.vae.latent_scale + config.vae.latent_shift
   b, t, h, w, c = z.shape
-  x = _decoder(params["decoder"], config.vae, z.reshape(b * t, h, w, c))
+  x = _decoder(params, config, z.reshape(b * t, h, w, c))
   return x.reshape((b, t) + x.shape[1:])
 
 
@@ -231,7 +313,7 @@ def vae_loss(params: Params, config: ml_collections.ConfigDict, frames_BTHWC: ja
   mean, logvar = encode_moments(params, config, frames_BTHWC)
   z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
   b, t, h, w, c = z.shape
-  recon = _decoder(params["decoder"], v, z.reshape(b * t, h, w, c)).reshape(frames_BTHWC.shape)
+  recon = _decoder(params, config, z.reshape(b * t, h, w, c)).reshape(frames_BTHWC.shape)
   target = frames_BTHWC.astype(jnp.float32)
   err = recon - target
   weight = foreground_weights(target, v.get("foreground_weight", 0.0)) if weights is None else weights
