@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--max-restarts", type=int, default=3, help="jobset: restarts after failure or preemption")
   parser.add_argument("--config", default="base")
   parser.add_argument("--workdir", default=None, help="gs://BUCKET/runs/NAME: a path every pod sees")
-  parser.add_argument("--data-dir", default=None, help="a stored dataset (gs://BUCKET/data/NAME); default: the config's")
+  parser.add_argument("--data-dir", default=None,
+                      help="a stored dataset (gs://BUCKET/data/NAME); default: the config's")
   parser.add_argument("--dry-run", action="store_true")
   args = parser.parse_args(own)
   args.command = rest

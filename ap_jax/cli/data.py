@@ -34,7 +34,7 @@ def add_data(sub):
   p.add_argument("--seed", type=int, default=0, help="base seed: episode seeds are derived from it per split")
   p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                  help="processes generating Melting Pot episodes")
-  p.add_argument("--out", required=True, help="dataset directory to create")
+  p.add_argument("--out", required=True, help="dataset directory to create (a local path or gs://BUCKET/...)")
   p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
   p.set_defaults(func=cmd_data)
 
