@@ -65,12 +65,22 @@ def test_dataset_built_for_a_bucket_uploads_its_info_last(memory_bucket, monkeyp
   uploads = []
   real = fs.upload_file
   monkeypatch.setattr(fs, "upload_file", lambda local, dst: (uploads.append(fs.basename(dst)), real(local, dst)))
-  spec = tfds_builder.GenerationSpec(episodes=6, steps=4, players=(1, 2))
+  spec = tfds_builder.GenerationSpec(episodes=3, steps=2, players=(1, 2), chunk=1)
   url = dataset_lib.build(spec, "gs://bkt/data/builtin")
   assert url == "gs://bkt/data/builtin" and uploads[-1] == dataset_lib.INFO_FILE
   info = dataset_lib.read_info(url)  # metadata read back through the bucket
-  assert info.num_episodes("train") + info.num_episodes("test") + info.num_episodes("validation") == 6
+  assert info.num_episodes("train") + info.num_episodes("test") + info.num_episodes("validation") == 3
   assert all(fs.exists(path) for path, _ in info.split_files["train"])
   with pytest.raises(FileExistsError, match="already exists"):
     dataset_lib.build(spec, url)
+
+
+def test_overwriting_a_dataset_on_a_bucket_removes_its_info_first(memory_bucket, monkeypatch):
+  spec = tfds_builder.GenerationSpec(episodes=3, steps=2, players=(1, 2), chunk=1)
+  url = dataset_lib.build(spec, "gs://bkt/data/builtin")
+  removed = []
+  real = fs.rmtree
+  monkeypatch.setattr(fs, "rmtree", lambda path: (removed.append(fs.exists(fs.join(path, dataset_lib.INFO_FILE))),
+                                                  real(path)))
   assert dataset_lib.build(spec, url, overwrite=True) == url and fs.exists(fs.join(url, dataset_lib.INFO_FILE))
+  assert removed == [False]  # the old dataset_info.json was gone before its files went
