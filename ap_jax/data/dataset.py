@@ -19,6 +19,7 @@ import glob
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import tempfile
@@ -39,12 +40,15 @@ class DatasetError(ValueError):
   """A dataset directory or file that cannot be read as an ap_jax rollouts dataset."""
 
 
-def build(spec: tfds_builder.GenerationSpec, out_dir: str, *, overwrite: bool = False) -> str:
-  """Generates the dataset described by `spec` into `out_dir` (atomically). Returns `out_dir`."""
+def build(spec: tfds_builder.GenerationSpec, out_dir: str, *, overwrite: bool = False,
+          beam_runner: str | None = None, beam_options: str = "") -> str:
+  """Generates the dataset described by `spec` into `out_dir` (atomically). Returns `out_dir`. With `beam_runner`
+  (e.g. `DirectRunner`; needs the `beam` extra) TFDS runs the generation as an Apache Beam pipeline, with
+  `beam_options` the runner's flags (`--direct_num_workers=4 --direct_running_mode=multi_processing`)."""
 
   spec = tfds_builder.check_spec(spec)
   if fs.is_url(out_dir):
-    return _build_and_upload(spec, out_dir, overwrite=overwrite)
+    return _build_and_upload(spec, out_dir, overwrite=overwrite, beam_runner=beam_runner, beam_options=beam_options)
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
@@ -63,8 +67,10 @@ def build(spec: tfds_builder.GenerationSpec, out_dir: str, *, overwrite: bool = 
       shutil.rmtree(stale, ignore_errors=True)
   try:
     builder = tfds_builder.ApJaxRollouts(
-        data_dir=tmp_root, config=tfds_builder.config_name_for(spec), spec=spec, file_format="array_record")
-    builder.download_and_prepare(download_dir=os.path.join(tmp_root, "downloads"))
+        data_dir=tmp_root, config=tfds_builder.config_name_for(spec), spec=spec, file_format="array_record",
+        beam=beam_runner is not None)
+    builder.download_and_prepare(download_dir=os.path.join(tmp_root, "downloads"),
+                                 download_config=_download_config(beam_runner, beam_options))
     built = builder.data_dir
     if overwrite and os.path.exists(out_dir):
       trash = f"{out_dir}.old-{uuid.uuid4().hex[:8]}"
@@ -78,7 +84,20 @@ def build(spec: tfds_builder.GenerationSpec, out_dir: str, *, overwrite: bool = 
   return out_dir
 
 
-def _build_and_upload(spec: tfds_builder.GenerationSpec, url: str, *, overwrite: bool) -> str:
+def _download_config(beam_runner: str | None, beam_options: str):
+  import tensorflow_datasets as tfds
+
+  if beam_runner is None:
+    return None
+  try:
+    from apache_beam.options.pipeline_options import PipelineOptions
+  except ImportError as e:
+    raise ImportError(f"beam runner {beam_runner!r}: Apache Beam is not installed; pip install -e '.[beam]'") from e
+  return tfds.download.DownloadConfig(
+      beam_options=PipelineOptions(shlex.split(beam_options) + [f"--runner={beam_runner}"]))
+
+
+def _build_and_upload(spec: tfds_builder.GenerationSpec, url: str, *, overwrite: bool, **beam) -> str:
   """`build` for an object-store URL: built locally (ArrayRecord writes local files only), then uploaded with
   `dataset_info.json` last. An overwritten dataset loses its `dataset_info.json` first, so no reader mixes the two."""
   url = url.rstrip("/")
@@ -89,7 +108,7 @@ def _build_and_upload(spec: tfds_builder.GenerationSpec, url: str, *, overwrite:
                           "only a dataset (or an empty folder): remove it yourself or choose another --out")
   local_root = tempfile.mkdtemp(prefix="ap_jax_dataset-")
   try:
-    local = build(spec, os.path.join(local_root, fs.basename(url)))
+    local = build(spec, os.path.join(local_root, fs.basename(url)), **beam)
     if fs.exists(url):
       info = fs.join(url, INFO_FILE)
       if fs.exists(info):
