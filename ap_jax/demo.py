@@ -14,10 +14,10 @@ fresh built-in episodes with 1 to 8 players; writes `comparison.json` and `compa
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Sequence
 
+from ap_jax import fs
 from ap_jax import sample as sample_lib
 from ap_jax import viz
 from ap_jax.data import dataset as dataset_lib
@@ -64,8 +64,8 @@ def build_data(out: str, episodes: int, players: tuple[int, int] = DEMO_PLAYERS)
   """The built-in dataset under `out/data/` (the demo's 2-4 players in `builtin`, other ranges in
   `builtin_MIN-MAX`), generated on first use."""
   name = "builtin" if tuple(players) == DEMO_PLAYERS else f"builtin_{players[0]}-{players[1]}"
-  path = os.path.join(out, "data", name)
-  if not os.path.exists(os.path.join(path, dataset_lib.INFO_FILE)):
+  path = fs.join(out, "data", name)
+  if not fs.exists(fs.join(path, dataset_lib.INFO_FILE)):
     spec = tfds_builder.GenerationSpec(episodes=episodes, steps=16, players=players)
     dataset_lib.build(spec, path)
   return path
@@ -76,7 +76,7 @@ def train_stages(out: str, data_dir: str | None, *, ae_steps: int, dit_steps: in
   """Trains (or resumes, or skips when finished) the autoencoder and one denoiser of config `base` on the dataset
   at `data_dir` (None: the dataset `base` names, generated on first use). Returns workdirs + seconds."""
   data = [] if data_dir is None else ["--config.data.source=dir", f"--config.data.dir={data_dir}"]
-  ae_dir, dit_dir = os.path.join(out, "ae"), os.path.join(out, dit_name)
+  ae_dir, dit_dir = fs.join(out, "ae"), fs.join(out, dit_name)
   seconds = {}
   start = time.time()
   trainer.train_stage(_config("autoencoder", data + [f"--config.total_steps={ae_steps}"], base), ae_dir,
@@ -98,7 +98,7 @@ def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps:
              eval_episodes: int = 24, eval_steps: int = 16, denoise_steps: int = 10, seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
   """The main job on the built-in game; returns (and writes) `results.json`'s contents."""
-  os.makedirs(out, exist_ok=True)
+  fs.makedirs(out)
   seconds: dict[str, float] = {}
   start = time.time()
   data_dir = build_data(out, episodes)
@@ -117,11 +117,11 @@ def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps:
   [case] = cases_lib.fresh_builtin_cases(trained.config, (4, 4), 1, eval_steps)
   frames, positions, _ = run_lib.run_cases(sampler, [case], seed=seed, batch_size=1)
   video, records = render_lib.render(case, frames[0], positions[0])
-  video_path = viz.write_video(video, os.path.join(out, "rollout_4p.mp4"))
+  video_path = viz.write_video(video, fs.join(out, "rollout_4p.mp4"))
   # The same rollout as a still: the true game (top) above the generated frames (bottom), first 9 frames.
-  viz.write_strip([list(case.truth["frames"][:9]), list(frames[0][:9])], os.path.join(out, "rollout_4p.png"))
+  viz.write_strip([list(case.truth["frames"][:9]), list(frames[0][:9])], fs.join(out, "rollout_4p.png"))
   report.write_json(dict(case=case.name, players=case.num_players, steps=records),
-                      os.path.join(out, "rollout_4p.json"))
+                      fs.join(out, "rollout_4p.json"))
   seconds["sample_video"] = time.time() - start
   log.info("[demo 3/4] wrote %s", video_path)
 
@@ -129,12 +129,12 @@ def run_demo(out: str, *, episodes: int = 2000, ae_steps: int = 1200, dit_steps:
   cases = cases_lib.dataset_cases(trained.config, "test", range(eval_episodes), eval_steps)
   results = run_lib.evaluate(trained, cases, seed=seed, batch_size=8, denoise_steps=denoise_steps)
   seconds["evaluate"] = time.time() - start
-  results.update(video=os.path.abspath(video_path), workdirs=dict(data=data_dir, autoencoder=ae_dir,
+  results.update(video=fs.absolute(video_path), workdirs=dict(data=data_dir, autoencoder=ae_dir,
                                                                    denoiser=dit_dir),
                  demo_seconds=seconds, demo_settings=dict(episodes=episodes, ae_steps=ae_steps,
                                                           dit_steps=dit_steps, eval_episodes=eval_episodes,
                                                           eval_steps=eval_steps, denoise_steps=denoise_steps))
-  report.write_json(results, os.path.join(out, "results.json"))
+  report.write_json(results, fs.join(out, "results.json"))
   log.info("[demo 4/4] evaluated %d held-out episodes (%.0fs)", len(cases), seconds["evaluate"])
   print(report.markdown_table(results))
   hold = results["baselines"]["hold_initial_frame"]
@@ -161,7 +161,7 @@ def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 800, dit_s
   unknown = [n for n in names if n not in VARIANTS]
   if unknown:
     raise ValueError(f"unknown variants {unknown}: expected names from {', '.join(VARIANTS)}")
-  os.makedirs(out, exist_ok=True)
+  fs.makedirs(out)
   base_config = _config("", [], config)
   meltingpot = base_config.data.source == "meltingpot"
   if meltingpot:
@@ -191,9 +191,8 @@ def run_comparison(out: str, *, episodes: int = 2000, ae_steps: int = 800, dit_s
     table[name] = results
     log.info("variant %s: movement %.3f, subjects %.3f", name, results["movement_accuracy"],
              results["subject_preservation"])
-    report.write_json(table, os.path.join(out, "comparison.json"))
+    report.write_json(table, fs.join(out, "comparison.json"))
   markdown = report.comparison_markdown(table, eval_players, train_players)
-  with open(os.path.join(out, "comparison.md"), "w") as f:
-    f.write(markdown)
+  fs.write_atomic(fs.join(out, "comparison.md"), markdown)
   print(markdown)
   return table

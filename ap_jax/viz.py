@@ -6,6 +6,7 @@ recorded facing a line from the ring's centre, and the action it takes next is p
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Sequence
 
@@ -13,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ap_jax import actions as A
+from ap_jax import fs
 
 SHORT_ACTION = {"NOOP": "-", "FORWARD": "FWD", "BACKWARD": "BACK", "STRAFE_LEFT": "STR_L",
                 "STRAFE_RIGHT": "STR_R", "TURN_LEFT": "TURN_L", "TURN_RIGHT": "TURN_R", "INTERACT": "ACT"}
@@ -80,12 +82,19 @@ def annotate_episode(episode: dict[str, Any], *, scale: int = 4) -> list[np.ndar
 
 
 def write_video(frames: Sequence[np.ndarray], path: str, fps: float = 4.0) -> str:
-  """Writes frames [H, W, 3] uint8 as .mp4 (H.264 via imageio-ffmpeg) or .gif, atomically."""
-  import imageio.v2 as imageio
-
+  """Writes frames [H, W, 3] uint8 as .mp4 (H.264 via imageio-ffmpeg) or .gif, atomically; `path` may be a
+  `gs://` URL (encoded locally, then uploaded)."""
   ext = os.path.splitext(path)[1].lower()
   if ext not in (".mp4", ".gif"):
     raise ValueError(f"video path {path!r} must end in .mp4 or .gif")
+  with fs.local_file(path) as local:
+    _write_video_local(frames, local, ext, fps)
+  return path
+
+
+def _write_video_local(frames: Sequence[np.ndarray], path: str, ext: str, fps: float) -> None:
+  import imageio.v2 as imageio
+
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{ext}"
   if ext == ".gif":
@@ -101,7 +110,6 @@ def write_video(frames: Sequence[np.ndarray], path: str, fps: float = 4.0) -> st
       for f in frames:
         writer.append_data(even(f))
   os.replace(tmp, path)
-  return path
 
 
 def write_strip(rows: Sequence[Sequence[np.ndarray]], path: str, *, scale: int = 3, gap: int = 2) -> str:
@@ -117,8 +125,6 @@ def write_strip(rows: Sequence[Sequence[np.ndarray]], path: str, *, scale: int =
     for j, frame in enumerate(row):
       sheet[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = np.asarray(frame)[..., :3]
   image = Image.fromarray(sheet).resize((sheet.shape[1] * scale, sheet.shape[0] * scale), Image.NEAREST)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp.png"
-  image.save(tmp)
-  os.replace(tmp, path)
-  return path
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  return fs.write_atomic(path, buffer.getvalue())

@@ -28,6 +28,7 @@ WAN_5B = ["--config.model.dit.width=3072", "--config.model.dit.depth=30", "--con
 WAN_14B = ["--config.model.dit.width=5120", "--config.model.dit.depth=40", "--config.model.dit.heads=40",
            "--config.model.dit.mlp=13824"]
 FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]
+DATA_PARALLEL = ["--config.mesh.data=-1", "--config.mesh.fsdp=1"]
 
 # name: (model, topology, slices, overrides)
 ROWS = {
@@ -38,10 +39,16 @@ ROWS = {
     "base-v6e-256": ("base 1.3B", "v6e-256", 1, PAPER + FSDP),
     "base-2x-v5p-64": ("base 1.3B", "v5p-64", 2, PAPER + FSDP + ["--config.mesh.dcn_data=2"]),
     "5b-v5p-256": ("Wan-5B shape", "v5p-256", 1, PAPER + FSDP + WAN_5B),
+    "14b-v5p-256-dp": ("Wan-14B shape", "v5p-256", 1, PAPER + DATA_PARALLEL + WAN_14B),
     "14b-v5p-256": ("Wan-14B shape", "v5p-256", 1, PAPER + FSDP + WAN_14B),
     "14b-v5p-256-tp4": ("Wan-14B shape", "v5p-256", 1, PAPER + WAN_14B + [
         "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=4"]),
+    # Global batch 32 on 128 chips: the batch axes can take at most 32 ways, so the other 4 must split the model.
+    "14b-v5p-256-b32-tp4": ("Wan-14B shape", "v5p-256", 1, PAPER[:2] + ["--config.data.global_batch_size=32"]
+                            + WAN_14B + ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=4"]),
 }
+# The larger models' rows compile the training step only (`--no-sample`): the question there is what fits.
+TRAIN_ONLY = {"5b-v5p-256", "14b-v5p-256-dp", "14b-v5p-256", "14b-v5p-256-tp4", "14b-v5p-256-b32-tp4"}
 
 
 def _gib(x):
@@ -80,7 +87,8 @@ def main(argv=None) -> int:
   if args.dry_run:
     for name in names:
       _, topology, slices, overrides = ROWS[name]
-      print(f"ap-jax aot --config base --topology {topology} --num-slices {slices} {' '.join(overrides)} "
+      no_sample = " --no-sample" if name in TRAIN_ONLY else ""
+      print(f"ap-jax aot --config base --topology {topology} --num-slices {slices}{no_sample} {' '.join(overrides)} "
             f"--json {os.path.join(args.out, name + '.json')}")
     return 0
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -97,7 +105,7 @@ def main(argv=None) -> int:
     _, topology, slices, overrides = ROWS[name]
     start = time.time()
     config = config_utils.apply_overrides(config_utils.load_config("base"), overrides)
-    report = aot.run_aot(config, aot.parse_topology(topology, slices))
+    report = aot.run_aot(config, aot.parse_topology(topology, slices), sample=name not in TRAIN_ONLY)
     report.update(config="base", overrides=overrides, seconds=time.time() - start)
     report_lib.write_json(report, path)
     print(aot.format_report(report), flush=True)

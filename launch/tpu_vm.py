@@ -4,9 +4,9 @@
 
   python launch/tpu_vm.py create  --name ap --zone us-east5-a --accelerator v5p-64 [--queued] [--spot]
   python launch/tpu_vm.py install --name ap --zone us-east5-a
-  python launch/tpu_vm.py mount   --name ap --zone us-east5-a --bucket BUCKET     # at /mnt/gcs on every host
-  python launch/tpu_vm.py train   --name ap --zone us-east5-a --config base --workdir /mnt/gcs/runs/base \\
-      [--data-dir /mnt/gcs/data/builtin] [-- --config.total_steps=100000 ...]
+  python launch/tpu_vm.py train   --name ap --zone us-east5-a --config base --workdir gs://BUCKET/runs/base \\
+      [--data-dir gs://BUCKET/data/builtin] [-- --config.total_steps=100000 ...]
+  python launch/tpu_vm.py mount   --name ap --zone us-east5-a --bucket BUCKET     # optional: at /mnt/gcs
   python launch/tpu_vm.py logs    --name ap --zone us-east5-a          # worker 0's log, followed
   python launch/tpu_vm.py stop    --name ap --zone us-east5-a          # SIGTERM: every host saves and exits
   python launch/tpu_vm.py delete  --name ap --zone us-east5-a [--queued]
@@ -17,9 +17,11 @@ goes to every gcloud call.
 
 Multi-host: the same command runs on every worker (`--worker=all`); JAX finds the other hosts from the TPU VM's
 metadata, so no coordinator flags are passed. Each host reads its own shard of the data (Grain, per process),
-process 0 writes logs and checkpoints; `--workdir` and `--data-dir` must be paths every host sees: a bucket mounted
-on every host with Cloud Storage FUSE (`mount`; ap_jax reads and writes local paths, and refuses gs:// URLs
-naming this) or another shared filesystem. TensorBoard reads `WORKDIR/tensorboard`.
+process 0 writes logs and checkpoints; `--workdir` and `--data-dir` must be paths every host sees: `gs://` URLs,
+which ap_jax reads and writes directly (Orbax checkpoints, ArrayRecord reads, metrics and TensorBoard files through
+etils.epath; the TPU VM's service account needs read and write on the bucket), or a shared filesystem such as the
+bucket mounted at /mnt/gcs by Cloud Storage FUSE (`mount`). TensorBoard reads `WORKDIR/tensorboard`
+(`tensorboard --logdir gs://BUCKET/runs` works from any machine with credentials).
 
 Preemption (spot or queued capacity taken back): the TPU runtime sends SIGTERM; `ap-jax train` finishes its step,
 saves a checkpoint with the data iterator and exits. Re-create the slice, `install`, and run the same `train`
@@ -88,7 +90,7 @@ def plan(args, tarball: str) -> list[list[str]]:
   if what == "install":
     setup = (f"mkdir -p {REMOTE_DIR} && tar -xzf /tmp/ap_jax_src.tgz -C {REMOTE_DIR} && cd {REMOTE_DIR} && "
              "(test -x .venv/bin/python || python3 -m venv .venv) && . .venv/bin/activate && "
-             "pip install -q -U pip && pip install -q -e '.[tpu]'")
+             "pip install -q -U pip && pip install -q -e '.[tpu,gcs]'")
     return [["tar", "-czf", tarball, "--exclude=.venv", "--exclude=.git", "--exclude=out", "--exclude=runs",
              "-C", str(ROOT), "."],
             _gcloud(args, "tpu-vm", "scp", tarball, f"{args.name}:/tmp/ap_jax_src.tgz") + ["--worker=all"],
@@ -135,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--spot", action="store_true", help="create: spot capacity (preemptible)")
   parser.add_argument("--bucket", default=None, help=f"mount: the GCS bucket to mount at {MOUNT} on every host")
   parser.add_argument("--config", default="base", help="train: config name or file")
-  parser.add_argument("--workdir", default=None, help=f"train: a path every host sees ({MOUNT}/runs/NAME)")
-  parser.add_argument("--data-dir", default=None, help=f"train: a stored dataset ({MOUNT}/data/NAME); default: "
+  parser.add_argument("--workdir", default=None, help="train: a path every host sees (gs://BUCKET/runs/NAME)")
+  parser.add_argument("--data-dir", default=None, help="train: a stored dataset (gs://BUCKET/data/NAME); default: "
                       "the config's")
   parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
   args = parser.parse_args(own)
@@ -145,11 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.error("mount needs --bucket BUCKET")
   if args.what == "train":
     if not args.workdir:
-      parser.error(f"train needs --workdir ({MOUNT}/runs/NAME after `mount`: every host must see it)")
-    urls = [p for p in (args.workdir, args.data_dir) if p and "://" in p]
-    if urls:
-      parser.error(f"train: {urls[0]} is a URL; ap_jax reads local paths: `mount` the bucket and pass "
-                   f"{MOUNT}/...")
+      parser.error("train needs --workdir (gs://BUCKET/runs/NAME, or a path on a filesystem every host mounts)")
     bad = [o for o in rest if not o.startswith("--config.")]
     if bad:
       parser.error(f"train: after `--` only --config.KEY=VALUE overrides, got {bad}")

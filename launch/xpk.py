@@ -4,18 +4,19 @@ for `kubectl apply`.
 
   python launch/xpk.py cluster --cluster ap --tpu-type v5p-64 --num-slices 2 --zone us-east5-a --project P
   python launch/xpk.py train   --cluster ap --workload base-run1 --tpu-type v5p-64 --num-slices 2 \\
-      --zone us-east5-a --project P --config base --workdir /mnt/gcs/runs/base [-- --config.KEY=VALUE ...]
+      --zone us-east5-a --project P --config base --workdir gs://BUCKET/runs/base [-- --config.KEY=VALUE ...]
   python launch/xpk.py delete  --cluster ap --workload base-run1 --zone us-east5-a --project P
   python launch/xpk.py jobset  --workload base-run1 --tpu-type v5p-64 --num-slices 2 --image IMAGE \\
-      --bucket BUCKET --config base --workdir /mnt/gcs/runs/base > jobset.yaml && kubectl apply -f jobset.yaml
+      --config base --workdir gs://BUCKET/runs/base > jobset.yaml && kubectl apply -f jobset.yaml
 
 `train` builds the workload's image from `--base-docker-image` (default python:3.12) with this checkout as the
 script directory and installs ap_jax in it, unless `--docker-image` names a ready image. With `--num-slices N > 1`
 the data-parallel mesh axis spans the slices over DCN (`--config.mesh.dcn_data=N`, unless the overrides set a
 `dcn_*` axis themselves). JAX finds the hosts and slices from the environment GKE's TPU webhook sets, so no
-coordinator flags are passed. `--workdir` (and `--data-dir`) must be paths every pod sees: ap_jax reads and writes
-local paths, so a bucket is mounted (the JobSet's `--bucket` mounts it at /mnt/gcs with GKE's Cloud Storage FUSE
-CSI driver; with XPK, attach it as the cluster's storage) and gs:// URLs are refused.
+coordinator flags are passed. `--workdir` (and `--data-dir`) must be paths every pod sees: `gs://` URLs, which
+ap_jax reads and writes directly (the pods' Kubernetes service account needs the bucket through Workload Identity),
+or a mounted bucket (the JobSet's `--bucket` mounts one at /mnt/gcs with GKE's Cloud Storage FUSE CSI driver;
+with XPK, attach it as the cluster's storage).
 
 Every subcommand takes `--dry-run` (print the commands or the manifest, run nothing).
 """
@@ -140,7 +141,7 @@ def plan(args) -> list[list[str]]:
     image = (["--docker-image", args.docker_image] if args.docker_image else
              ["--base-docker-image", args.base_docker_image, "--script-dir", str(ROOT)])
     # Built from a base image, the script dir is the container's working directory: install it first.
-    setup = "" if args.docker_image else "pip install -q -e '.[tpu]' && "
+    setup = "" if args.docker_image else "pip install -q -e '.[tpu,gcs]' && "
     return [["xpk", "workload", "create", *_common(args), "--workload", args.workload, "--tpu-type",
              xpk_tpu_type(args.tpu_type), "--num-slices", str(args.num_slices), *image,
              "--command", setup + shlex.join(train_command(args))]]
@@ -164,12 +165,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--spot", action="store_true", help="cluster: spot node pools")
   parser.add_argument("--docker-image", default=None, help="train: a ready image with ap_jax installed")
   parser.add_argument("--base-docker-image", default="python:3.12", help="train: base to build the image from")
-  parser.add_argument("--image", default=None, help="jobset: the container image (with ap_jax[tpu] installed)")
-  parser.add_argument("--bucket", default=None, help=f"jobset: a GCS bucket mounted at {MOUNT} in every pod")
+  parser.add_argument("--image", default=None, help="jobset: the container image (with ap_jax[tpu,gcs] installed)")
+  parser.add_argument("--bucket", default=None,
+                      help=f"jobset: a GCS bucket mounted at {MOUNT} in every pod (optional: gs:// paths work too)")
   parser.add_argument("--max-restarts", type=int, default=3, help="jobset: restarts after failure or preemption")
   parser.add_argument("--config", default="base")
-  parser.add_argument("--workdir", default=None, help=f"{MOUNT}/runs/NAME: a path every pod sees")
-  parser.add_argument("--data-dir", default=None, help=f"a stored dataset ({MOUNT}/data/NAME); default: the config's")
+  parser.add_argument("--workdir", default=None, help="gs://BUCKET/runs/NAME: a path every pod sees")
+  parser.add_argument("--data-dir", default=None,
+                      help="a stored dataset (gs://BUCKET/data/NAME); default: the config's")
   parser.add_argument("--dry-run", action="store_true")
   args = parser.parse_args(own)
   args.command = rest
@@ -183,9 +186,6 @@ def main(argv: list[str] | None = None) -> int:
   missing = [f"--{n.replace('_', '-')}" for n in need if not getattr(args, n)]
   if missing:
     parser.error(f"{args.what} needs {' '.join(missing)}")
-  urls = [p for p in (args.workdir, args.data_dir) if p and "://" in p]
-  if urls:
-    parser.error(f"{urls[0]} is a URL; ap_jax reads local paths: mount the bucket (--bucket) and pass {MOUNT}/...")
   if args.what == "jobset":
     print(jobset_manifest(args), end="")
     return 0

@@ -310,3 +310,23 @@ def test_cli_data_and_show(tmp_path):
   assert r.returncode == 2 and "MIN-MAX" in r.stderr
   r = run("show", str(tmp_path), "--out", gif)
   assert r.returncode == 2 and "not an ap_jax dataset" in r.stderr
+
+
+@pytest.mark.slow  # a Beam pipeline and a fresh compile of the game: 55 s on 2 busy cores
+def test_beam_generation_writes_the_same_episodes(data_dir, tmp_path):
+  """`ap-jax data --beam-runner DirectRunner`: TFDS's Beam path, a few episodes, the same episodes as the plain
+  build (their order in the shards may differ)."""
+  pytest.importorskip("apache_beam", reason="the beam extra (apache-beam) is not installed")
+  from ap_jax import cli
+
+  out = str(tmp_path / "beam")
+  assert cli.main(["data", "--episodes", "40", "--steps", "6", "--players", "1-4", "--out", out,
+                   "--beam-runner", "DirectRunner", "--beam-options=--direct_num_workers=1"]) == 0
+  for split in ("train", "test"):
+    plain, beam = dataset.open_split(data_dir, split), dataset.open_split(out, split)
+    by_seed = {ep["seed"]: ep for ep in (beam[i] for i in range(len(beam)))}
+    assert sorted(by_seed) == sorted(plain[i]["seed"] for i in range(len(plain)))
+    for i in range(len(plain)):
+      ep = plain[i]
+      for key in ("frames", "actions", "positions", "orientations", "colors", "player_mask"):
+        np.testing.assert_array_equal(by_seed[ep["seed"]][key], ep[key])

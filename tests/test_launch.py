@@ -91,7 +91,7 @@ def test_tpu_vm_install_copies_the_checkout_to_every_worker():
   assert tar[0] == "tar" and option(tar, "-C") == ROOT and "--exclude=.venv" in tar
   assert scp[3:5] == ["tpu-vm", "scp"] and "--worker=all" in scp and scp[5] == option(tar, "-czf")
   assert ssh[3:6] == ["tpu-vm", "ssh", "ap-run"] and "--worker=all" in ssh
-  assert "pip install -q -e '.[tpu]'" in option(ssh, "--command")
+  assert "pip install -q -e '.[tpu,gcs]'" in option(ssh, "--command")
 
 
 def test_tpu_vm_train_runs_the_same_command_on_all_hosts():
@@ -124,9 +124,13 @@ def test_tpu_vm_mount_puts_the_bucket_at_the_same_path_on_every_host():
   assert missing.returncode == 2 and "--bucket" in missing.stderr
 
 
-def test_tpu_vm_train_refuses_what_would_not_reach_every_host():
-  url = launch("tpu_vm.py", "train", *TPU, "--workdir", "gs://b/r", "--dry-run", check=False)
-  assert url.returncode == 2 and "gs://b/r is a URL" in url.stderr
+def test_tpu_vm_train_carries_bucket_urls_and_refuses_what_would_not_reach_every_host():
+  (ssh,) = lines(launch("tpu_vm.py", "train", *TPU, "--workdir", "gs://bkt/runs/dit", "--data-dir", "gs://bkt/data/b",
+                        "--dry-run", "--", "--config.autoencoder_workdir=gs://bkt/runs/ae"))
+  train = shlex.split(re.search(r"nohup (.*) > ", option(ssh, "--command")).group(1))
+  assert option(train, "--workdir") == "gs://bkt/runs/dit"
+  assert train[-3:] == ["--config.data.source=dir", "--config.data.dir=gs://bkt/data/b",
+                        "--config.autoencoder_workdir=gs://bkt/runs/ae"]
   no_workdir = launch("tpu_vm.py", "train", *TPU, "--dry-run", check=False)
   assert no_workdir.returncode == 2 and "--workdir" in no_workdir.stderr
   stray = launch("tpu_vm.py", "train", *TPU, "--workdir", "/mnt/gcs/r", "--dry-run", "--", "--steps=5", check=False)
@@ -148,7 +152,7 @@ def test_xpk_train_spans_slices_over_dcn_and_carries_the_run():
   assert work[:3] == ["xpk", "workload", "create"] and option(work, "--workload") == "run1"
   assert option(work, "--num-slices") == "2" and option(work, "--script-dir") == ROOT
   setup, train = option(work, "--command").split(" && ")
-  assert setup == "pip install -q -e '.[tpu]'"
+  assert setup == "pip install -q -e '.[tpu,gcs]'"
   train = shlex.split(train)
   assert option(train, "--config") == "base" and option(train, "--workdir") == "/mnt/gcs/runs/base"
   assert train[-2:] == ["--config.mesh.dcn_data=2", "--config.total_steps=9"]
@@ -198,9 +202,13 @@ def test_jobset_mounts_the_bucket_where_the_workdir_is():
   assert container["volumeMounts"] == [{"name": volume["name"], "mountPath": "/mnt/gcs"}]
 
 
-def test_xpk_names_what_is_missing_and_refuses_urls():
-  out = launch("xpk.py", "jobset", "--workload", "run1", "--image", "img", "--workdir", "gs://b/r", check=False)
-  assert out.returncode == 2 and "gs://b/r is a URL" in out.stderr
+def test_xpk_carries_bucket_urls_and_names_what_is_missing():
+  out = launch("xpk.py", "jobset", "--workload", "run1", "--image", "img", "--workdir", "gs://b/r", "--data-dir",
+               "gs://b/data")
+  pod = yaml.safe_load(out.stdout)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+  train = shlex.split(pod["containers"][0]["command"][2])
+  assert option(train, "--workdir") == "gs://b/r" and "--config.data.dir=gs://b/data" in train
+  assert "volumes" not in pod  # a URL needs no mount
   out = launch("xpk.py", "jobset", "--workload", "run1", "--workdir", "/mnt/gcs/r", check=False)
   assert out.returncode == 2 and "--image" in out.stderr
   out = launch("xpk.py", "train", *GKE, "--workdir", "/mnt/gcs/r", "--dry-run", check=False)

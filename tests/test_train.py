@@ -710,14 +710,33 @@ def test_a_reader_lists_again_when_a_step_vanishes_mid_listing(tmp_path, monkeyp
     reader.all_steps()
 
 
-def test_object_store_urls_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+@pytest.mark.slow  # two training runs: 5 min on 2 busy cores (test_fs.py covers the writers one by one, fast)
+def test_a_bucket_workdir_holds_every_run_output(memory_bucket, tmp_path, monkeypatch):
+  """`ap-jax train --workdir gs://...`: config.json, metrics.jsonl, TensorBoard, loss.png and summary.json go
+  through the object store (conftest's in-memory `gs://`), and a second run resumes and appends. Orbax writes a
+  gs:// checkpoint with TensorStore's own GCS driver, which has no offline stand-in, so the checkpoints alone are
+  sent to a local folder here."""
+  from ap_jax import cli, fs
+
+  real_init = checkpoint_lib.Checkpointer.__init__
+
+  def local_checkpoints(self, workdir, **kwargs):
+    real_init(self, str(tmp_path / "ckpt") if fs.is_url(workdir) else workdir, **kwargs)
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "__init__", local_checkpoints)
   monkeypatch.chdir(tmp_path)  # a URL taken as a local path would leave a folder named `gs:` here
-  with pytest.raises(trainer.TrainError, match=r"workdir gs://bkt/runs/x: .*mount the bucket"):
-    trainer.train(make_config(), "gs://bkt/runs/x", progress=False)
-  data = make_config(overrides=["--config.data.source=dir", "--config.data.dir=gs://bkt/data"])
-  with pytest.raises(trainer.TrainError, match=r"data.dir gs://bkt/data: "):
-    trainer.train(data, str(tmp_path / "w"), progress=False)
-  assert sorted(os.listdir(tmp_path)) == []
+  run = "gs://bkt/runs/ae"
+  train = ["train", "--config", f"{TINY}:autoencoder,runlocal", "--workdir", run, "--no-progress", *SMALL_AE,
+           "--config.checkpoint_every=2"]
+  assert cli.main(train + ["--config.total_steps=2"]) == 0
+  assert cli.main(train + ["--config.total_steps=3"]) == 0  # resumes from step 2
+  assert {"config.json", "metrics.jsonl", "loss.png", "tensorboard", "summary.json"} <= set(fs.listdir(run))
+  assert [r["step"] for r in telemetry.read_metrics(f"{run}/metrics.jsonl")] == [1, 2, 3]
+  summary = json.loads(fs.read_text(f"{run}/summary.json"))
+  assert (summary["start_step"], summary["end_step"]) == (2, 3)
+  assert json.loads(fs.read_text(f"{run}/config.json"))["stage"] == "autoencoder"
+  assert fs.glob(f"{run}/tensorboard/events.out.tfevents.*")
+  assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
 def test_mesh_flags_name_a_mesh_over_the_first_devices():

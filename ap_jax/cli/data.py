@@ -34,8 +34,14 @@ def add_data(sub):
   p.add_argument("--seed", type=int, default=0, help="base seed: episode seeds are derived from it per split")
   p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                  help="processes generating Melting Pot episodes")
-  p.add_argument("--out", required=True, help="dataset directory to create")
+  p.add_argument("--out", required=True, help="dataset directory to create (a local path or gs://BUCKET/...)")
   p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+  p.add_argument("--beam-runner", default=None,
+                 help="generate through Apache Beam (TFDS's Beam support; the `beam` extra): DirectRunner here, "
+                 "DataflowRunner, FlinkRunner or SparkRunner on a cluster")
+  p.add_argument("--beam-options", default="",
+                 help="the runner's pipeline flags as one string after `=`, e.g. --beam-options=\"--direct_num_workers=4 "
+                 "--direct_running_mode=multi_processing\"")
   p.set_defaults(func=cmd_data)
 
 
@@ -48,7 +54,8 @@ def cmd_data(args) -> int:
       canvas_hw=args.canvas, policy=args.policy, sticky_p=args.sticky_p, seed=args.seed, workers=args.workers)
   start = time.time()
   log.info("generating %d %s episodes of %d steps into %s", spec.episodes, spec.source, spec.steps, args.out)
-  path = dataset.build(spec, args.out, overwrite=args.overwrite)
+  path = dataset.build(spec, args.out, overwrite=args.overwrite, beam_runner=args.beam_runner,
+                       beam_options=args.beam_options)
   info = dataset.read_info(path)
   sizes = {s: info.num_episodes(s) for s in sorted(info.split_files)}
   elapsed = time.time() - start

@@ -7,6 +7,7 @@ import argparse
 import os
 import time
 
+from ap_jax import fs
 from ap_jax.cli import args as args_lib
 
 
@@ -111,8 +112,8 @@ def cmd_sample(args) -> int:
     summary = {k: summary[k] for k in metrics.METRICS if k in summary}
   json_path = os.path.splitext(args.out)[0] + ".json"
   report.write_json(dict(
-      workdir=os.path.abspath(args.workdir), model_step=trained.step, case=case.name, seed_of_episode=case.seed,
-      **case.info, players=case.num_players, colors=case.colors, video=os.path.abspath(args.out),
+      workdir=fs.absolute(args.workdir), model_step=trained.step, case=case.name, seed_of_episode=case.seed,
+      **case.info, players=case.num_players, colors=case.colors, video=fs.absolute(args.out),
       sampling=run_lib.sampler_settings(sampler, args.seed), metrics=summary,
       timing=timing, steps=records),
       json_path)
@@ -175,8 +176,8 @@ def cmd_eval(args) -> int:
     reconstruct = run_lib.autoencoder_reconstructor(args.autoencoder) if args.autoencoder else None
     cases = cases_lib.dataset_dir_cases(args.data, args.split, range(args.episodes), args.steps)
     results = run_lib.oracle(cases, reconstruct)
-    results["data"] = os.path.abspath(args.data)
-    results["autoencoder"] = os.path.abspath(args.autoencoder) if args.autoencoder else None
+    results["data"] = fs.absolute(args.data)
+    results["autoencoder"] = fs.absolute(args.autoencoder) if args.autoencoder else None
   else:
     if not args.workdir:
       raise ValueError("eval needs --workdir (a trained denoiser), or --oracle --data DIR to score true frames")
@@ -199,8 +200,8 @@ def cmd_eval(args) -> int:
       cases = cases_lib.dataset_cases(trained.config, args.split, range(args.episodes), args.steps)
     run_lib.check_scorable(cases)
     results = run_lib.evaluate(trained, cases, seed=args.seed, batch_size=args.batch_size, **kwargs)
-    results["workdir"] = os.path.abspath(args.workdir)
-    results["data"] = os.path.abspath(args.data) if args.data else None
+    results["workdir"] = fs.absolute(args.workdir)
+    results["data"] = fs.absolute(args.data) if args.data else None
     results["heldout"] = bool(args.heldout)
   results["timing"]["seconds_total"] = time.time() - start
   results["split"] = None if args.players is not None else args.split

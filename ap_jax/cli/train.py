@@ -4,8 +4,8 @@ scored)."""
 from __future__ import annotations
 
 import json
-import os
 
+from ap_jax import fs
 from ap_jax.cli import args as args_lib
 
 
@@ -39,8 +39,7 @@ def cmd_train(args) -> int:
   import jax
 
   if jax.process_index() == 0:
-    with open(os.path.join(args.workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2, default=str)
+    fs.write_atomic(fs.join(args.workdir, "summary.json"), json.dumps(summary, indent=2, default=str))
     print(f"trained {summary['stage']} to step {summary['end_step']} in {args.workdir}"
           + (f" (stopped by {summary['stopped_by']})" if summary["stopped_by"] else ""))
   return 0

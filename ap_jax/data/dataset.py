@@ -5,6 +5,11 @@ or more `ap_jax_rollouts-<split>.array_record-NNNNN-of-MMMMM` files per split. `
 sibling temporary directory and renames it into place only when every split is complete, so an interrupted run
 leaves no directory that a reader could take for a whole dataset (at worst a `*.incomplete-*` directory, which
 readers refuse and the next build on the same host removes once the process that wrote it is gone).
+
+`out_dir` and the readers' `path` may be `gs://` URLs (`ap_jax.fs`). ArrayRecord files are read there by
+array_record's own GCS reader; they cannot be written there, so a build for a URL runs in a local temporary folder
+and uploads the result with `dataset_info.json` last: readers require that file, so none takes a part-uploaded
+folder for a dataset.
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ import glob
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
+import tempfile
 import uuid
 from typing import Any
 
 
+from ap_jax import fs
 from ap_jax.data import tfds_builder
 
 log = logging.getLogger(__name__)
@@ -32,10 +40,15 @@ class DatasetError(ValueError):
   """A dataset directory or file that cannot be read as an ap_jax rollouts dataset."""
 
 
-def build(spec: tfds_builder.GenerationSpec, out_dir: str, *, overwrite: bool = False) -> str:
-  """Generates the dataset described by `spec` into `out_dir` (atomically). Returns `out_dir`."""
+def build(spec: tfds_builder.GenerationSpec, out_dir: str, *, overwrite: bool = False,
+          beam_runner: str | None = None, beam_options: str = "") -> str:
+  """Generates the dataset described by `spec` into `out_dir` (atomically). Returns `out_dir`. With `beam_runner`
+  (e.g. `DirectRunner`; needs the `beam` extra) TFDS runs the generation as an Apache Beam pipeline, with
+  `beam_options` the runner's flags (`--direct_num_workers=4 --direct_running_mode=multi_processing`)."""
 
   spec = tfds_builder.check_spec(spec)
+  if fs.is_url(out_dir):
+    return _build_and_upload(spec, out_dir, overwrite=overwrite, beam_runner=beam_runner, beam_options=beam_options)
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
@@ -54,8 +67,10 @@ def build(spec: tfds_builder.GenerationSpec, out_dir: str, *, overwrite: bool = 
       shutil.rmtree(stale, ignore_errors=True)
   try:
     builder = tfds_builder.ApJaxRollouts(
-        data_dir=tmp_root, config=tfds_builder.config_name_for(spec), spec=spec, file_format="array_record")
-    builder.download_and_prepare(download_dir=os.path.join(tmp_root, "downloads"))
+        data_dir=tmp_root, config=tfds_builder.config_name_for(spec), spec=spec, file_format="array_record",
+        beam=beam_runner is not None)
+    builder.download_and_prepare(download_dir=os.path.join(tmp_root, "downloads"),
+                                 download_config=_download_config(beam_runner, beam_options))
     built = builder.data_dir
     if overwrite and os.path.exists(out_dir):
       trash = f"{out_dir}.old-{uuid.uuid4().hex[:8]}"
@@ -69,11 +84,48 @@ def build(spec: tfds_builder.GenerationSpec, out_dir: str, *, overwrite: bool = 
   return out_dir
 
 
+def _download_config(beam_runner: str | None, beam_options: str):
+  import tensorflow_datasets as tfds
+
+  if beam_runner is None:
+    return None
+  try:
+    from apache_beam.options.pipeline_options import PipelineOptions
+  except ImportError as e:
+    raise ImportError(f"beam runner {beam_runner!r}: Apache Beam is not installed; pip install -e '.[beam]'") from e
+  return tfds.download.DownloadConfig(
+      beam_options=PipelineOptions(shlex.split(beam_options) + [f"--runner={beam_runner}"]))
+
+
+def _build_and_upload(spec: tfds_builder.GenerationSpec, url: str, *, overwrite: bool, **beam) -> str:
+  """`build` for an object-store URL: built locally (ArrayRecord writes local files only), then uploaded with
+  `dataset_info.json` last. An overwritten dataset loses its `dataset_info.json` first, so no reader mixes the two."""
+  url = url.rstrip("/")
+  if fs.exists(url) and not overwrite:
+    raise FileExistsError(f"{url} already exists; pass --overwrite to replace it")
+  if fs.exists(url) and not _replaceable(url):
+    raise FileExistsError(f"{url} exists and is not an ap_jax dataset (no {INFO_FILE}); --overwrite replaces "
+                          "only a dataset (or an empty folder): remove it yourself or choose another --out")
+  local_root = tempfile.mkdtemp(prefix="ap_jax_dataset-")
+  try:
+    local = build(spec, os.path.join(local_root, fs.basename(url)), **beam)
+    if fs.exists(url):
+      info = fs.join(url, INFO_FILE)
+      if fs.exists(info):
+        fs.as_path(info).unlink()
+      fs.rmtree(url)
+    log.info("uploading the dataset to %s", url)
+    fs.upload_tree(local, url, last=(INFO_FILE,))
+  finally:
+    shutil.rmtree(local_root, ignore_errors=True)
+  return url
+
+
 def _replaceable(path: str) -> bool:
   """--overwrite replaces a dataset or an empty directory, never a plain file or a directory of other things."""
-  if not os.path.isdir(path):
+  if not fs.isdir(path):
     return False
-  return os.path.exists(os.path.join(path, INFO_FILE)) or not os.listdir(path)
+  return fs.exists(fs.join(path, INFO_FILE)) or not fs.listdir(path)
 
 
 def _abandoned(tmp_dir: str) -> bool:
@@ -114,27 +166,25 @@ class DatasetInfo:
 
 def read_info(path: str) -> DatasetInfo:
   """Reads and checks a dataset directory's metadata; raises DatasetError naming what is wrong."""
-  info_path = os.path.join(path, INFO_FILE)
-  if not os.path.isdir(path):
+  info_path = fs.join(path, INFO_FILE)
+  if not fs.isdir(path):
     raise DatasetError(f"dataset directory {path} does not exist")
-  if ".incomplete-" in os.path.basename(path):
+  if ".incomplete-" in fs.basename(path):
     raise DatasetError(f"{path} is an unfinished build (interrupted); rebuild it with `ap-jax data`")
-  if not os.path.exists(info_path):
+  if not fs.exists(info_path):
     raise DatasetError(
         f"{path} is not an ap_jax dataset: it has no {INFO_FILE} (build one with `ap-jax data --out {path}`)")
   try:
-    with open(info_path) as f:
-      info = json.load(f)
+    info = json.loads(fs.read_text(info_path))
   except json.JSONDecodeError as e:
     raise DatasetError(f"{info_path} is not valid JSON ({e}); the dataset is damaged, rebuild it") from e
   if info.get("name") != "ap_jax_rollouts":
     raise DatasetError(f"{path} holds TFDS dataset {info.get('name')!r}, expected 'ap_jax_rollouts'")
   generation = info.get("metadata", {}).get("generation", {}) if isinstance(info.get("metadata"), dict) else {}
   if not generation:
-    md_path = os.path.join(path, "metadata.json")
-    if os.path.exists(md_path):
-      with open(md_path) as f:
-        generation = json.load(f).get("generation", {})
+    md_path = fs.join(path, "metadata.json")
+    if fs.exists(md_path):
+      generation = json.loads(fs.read_text(md_path)).get("generation", {})
   split_files: dict[str, list[tuple[str, int]]] = {}
   for split in info.get("splits", []):
     name = split["name"]
@@ -145,7 +195,7 @@ def read_info(path: str) -> DatasetInfo:
       fname = (template.replace("{DATASET}", "ap_jax_rollouts").replace("{SPLIT}", name)
                .replace("{FILEFORMAT}", "array_record")
                .replace("{SHARD_X_OF_Y}", f"{shard:05d}-of-{len(lengths):05d}"))
-      files.append((os.path.join(path, fname), n))
+      files.append((fs.join(path, fname), n))
     split_files[name] = files
   return DatasetInfo(path=path, config_name=info.get("configName", ""), generation=generation,
                      split_files=split_files)
@@ -158,7 +208,7 @@ def check_files(info: DatasetInfo, split: str) -> None:
   if split not in info.split_files:
     raise DatasetError(f"split {split!r} is not in {info.path}: expected one of {sorted(info.split_files)}")
   for path, expected in info.split_files[split]:
-    if not os.path.exists(path):
+    if not fs.exists(path):
       raise DatasetError(f"ArrayRecord file {path} is missing (split {split!r} expects {expected} records in it)")
     try:
       reader = array_record_module.ArrayRecordReader(path)

@@ -9,6 +9,7 @@ import os
 
 import ml_collections
 
+from ap_jax import fs
 from ap_jax.data import dataset as dataset_lib
 from ap_jax.data import tfds_builder
 from ap_jax.train import config_utils
@@ -69,12 +70,12 @@ def cached_dataset(spec: tfds_builder.GenerationSpec, path: str | None = None) -
   """The dataset `spec` generates, at `path` or in the cache under a name that hashes the spec; generated there the
   first time (every process may do so; the atomic rename keeps exactly one copy)."""
   path = path or os.path.join(dataset_cache_dir(), "datasets", f"{spec.source}-{spec.content_hash()}")
-  if not os.path.exists(os.path.join(path, dataset_lib.INFO_FILE)):
+  if not fs.exists(fs.join(path, dataset_lib.INFO_FILE)):
     log.info("%s dataset not found at %s: generating %d episodes", spec.source, path, spec.episodes)
     try:
       dataset_lib.build(spec, path)
     except (FileExistsError, OSError):
-      if not os.path.exists(os.path.join(path, dataset_lib.INFO_FILE)):
+      if not fs.exists(fs.join(path, dataset_lib.INFO_FILE)):
         raise
   return path
 

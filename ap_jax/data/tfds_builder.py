@@ -9,6 +9,11 @@ is recorded in the dataset's metadata so that a dataset says how it was made.
 Splits are by episode seed: episode i of split s has seed `spec.seed + SPLIT_SEED_OFFSETS[s] + i`, so no two
 splits share an episode, and any episode can be regenerated (or replayed in the true game) from its seed.
 
+With `beam=True` the builder hands each split to Apache Beam (TFDS's own Beam support: `_generate_examples` returns
+a PTransform over chunks of seeds), so generation spreads over a Beam runner's workers: the DirectRunner's processes
+here, Dataflow, Flink or Spark for a team (the `beam` extra). The episodes are the same either way; only their order
+in the shards differs.
+
 The builder module must live inside the package (TFDS records its code path). Reading needs neither this module
 nor tensorflow: `ap_jax.data.dataset.open_split` reads the directory with `tfds.builder_from_directory`.
 """
@@ -96,8 +101,9 @@ class ApJaxRollouts(tfds.core.GeneratorBasedBuilder):
       for name, subs in MELTINGPOT_GROUPS.items()
   ]
 
-  def __init__(self, *, spec: GenerationSpec | None = None, **kwargs):
+  def __init__(self, *, spec: GenerationSpec | None = None, beam: bool = False, **kwargs):
     self._spec = spec or GenerationSpec()
+    self._beam = beam
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -129,11 +135,22 @@ class ApJaxRollouts(tfds.core.GeneratorBasedBuilder):
         for split in ("train", "validation", "test")
     }
 
-  def _generate_examples(self, split: str, count: int) -> Iterator[tuple[int, dict[str, Any]]]:
+  def _generate_examples(self, split: str, count: int):
     seeds = [self._spec.seed + SPLIT_SEED_OFFSETS[split] + i for i in range(count)]
-    for episode in generate(self._spec, seeds):
-      schema.validate_episode(episode, where=f"{split} episode seed {episode['seed']}")
-      yield int(episode["seed"]), episode
+    if self._beam:
+      import apache_beam as beam
+
+      chunks = [seeds[i:i + self._spec.chunk] for i in range(0, count, self._spec.chunk)]
+      return (f"seeds_{split}" >> beam.Create(chunks)
+              | f"generate_{split}" >> beam.FlatMap(keyed_episodes, spec=self._spec, split=split))
+    return keyed_episodes(seeds, spec=self._spec, split=split)
+
+
+def keyed_episodes(seeds: list[int], *, spec: GenerationSpec, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+  """(seed, episode) for each seed, checked against the schema: one split's examples, or one Beam chunk of them."""
+  for episode in generate(spec, list(seeds)):
+    schema.validate_episode(episode, where=f"{split} episode seed {episode['seed']}")
+    yield int(episode["seed"]), episode
 
 
 def generate(spec: GenerationSpec, seeds: list[int]) -> Iterator[dict[str, Any]]:

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ap_jax import actions as A
+from ap_jax import fs
 from ap_jax.games import gridgame
 
 ALLOWED_KEYS = ("players", "actions", "actions_by_player", "seed", "layout", "source", "substrate", "description")
@@ -119,8 +120,7 @@ def load_action_file(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any
   """Reads an action file (format in the module docstring). Returns (actions int32 [T, P], meta)."""
   path = os.fspath(path)
   try:
-    with open(path) as f:
-      data = json.load(f)
+    data = json.loads(fs.read_text(path))
   except FileNotFoundError as e:
     raise ActionFileError(f"action file {path} does not exist") from e
   except json.JSONDecodeError as e:

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Mapping
 
 import numpy as np
+
+from ap_jax import fs
 
 
 def to_json(obj: Any) -> Any:
@@ -28,13 +29,9 @@ def to_json(obj: Any) -> Any:
 
 
 def write_json(obj: Any, path: str) -> str:
-  """`to_json(obj)` written to `path` atomically (a temporary file, then renamed); returns the path."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(to_json(obj), f, indent=2)
-  os.replace(tmp, path)
-  return path
+  """`to_json(obj)` written to `path` (local, or a `gs://` URL) atomically (`ap_jax.fs.write_atomic`); returns the
+  path."""
+  return fs.write_atomic(path, json.dumps(to_json(obj), indent=2))
 
 
 _COLUMNS = (("MA", "movement_accuracy", "{:.3f}"), ("SA", "state_accuracy", "{:.3f}"),

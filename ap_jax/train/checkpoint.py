@@ -20,8 +20,6 @@ a run is still writing them; a damaged checkpoint is skipped with a warning and 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from typing import Any
 
@@ -31,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ap_jax import pytree
+from ap_jax import fs, pytree
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +145,15 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, keep_period: int | None = None, async_save: bool = True,
                read_only: bool = False):
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, "checkpoints")
-    self.damaged_dir = os.path.join(self.workdir, "checkpoints_damaged")
+    self.workdir = fs.absolute(workdir)  # a local folder or a gs:// URL: Orbax writes to both
+    self.directory = fs.join(self.workdir, "checkpoints")
+    self.damaged_dir = fs.join(self.workdir, "checkpoints_damaged")
     self.read_only = bool(read_only)
     self.manager = None
     if read_only:
-      if not os.path.isdir(self.workdir):
+      if not fs.isdir(self.workdir):
         raise CheckpointError(f"workdir {workdir} does not exist")
-      if not os.path.isdir(self.directory):
+      if not fs.isdir(self.directory):
         return  # nothing saved yet: no steps, and nothing is created
     if not read_only:
       self._remove_unfinished()
@@ -170,11 +168,11 @@ class Checkpointer:
   def _remove_unfinished(self) -> None:
     """Removes saves that a killed run left unfinished (Orbax's `*.orbax-checkpoint-tmp*` folders): only the
     training process, which owns the workdir, calls this."""
-    if jax.process_index() == 0 and os.path.isdir(self.directory):
-      for name in os.listdir(self.directory):
+    if jax.process_index() == 0 and fs.isdir(self.directory):
+      for name in fs.listdir(self.directory):
         if ".orbax-checkpoint-tmp" in name:
-          log.info("removing %s, a save that did not finish", os.path.join(self.directory, name))
-          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+          log.info("removing %s, a save that did not finish", fs.join(self.directory, name))
+          fs.rmtree(fs.join(self.directory, name))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
@@ -224,7 +222,7 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     meta = dict(restored["meta"])
     verified = verify_checksums(restored["state"], meta.get("checksums"),
-                                what=f"checkpoint {os.path.join(self.directory, str(step))}")
+                                what=f"checkpoint {fs.join(self.directory, str(step))}")
     return restored["state"], meta, verified
 
   def restore_latest(self, abstract_state: Any, data_iterator=None) -> tuple[int, Any, dict] | None:
@@ -262,12 +260,12 @@ class Checkpointer:
     for step in reversed(self.all_steps()):
       try:
         meta = self.read_meta(step)
-        part = reader.restore(os.path.join(self.directory, str(step), "state"), args=ocp.args.PyTreeRestore(
+        part = reader.restore(fs.join(self.directory, str(step), "state"), args=ocp.args.PyTreeRestore(
             item=abstract_part, restore_args=restore_args, partial_restore=True))
         expected = meta.get("checksums")
         if expected is not None:
           expected = {k: v for k, v in expected.items() if k.split("/")[0] in abstract_part}
-        verified = verify_checksums(part, expected, what=f"checkpoint {os.path.join(self.directory, str(step))}")
+        verified = verify_checksums(part, expected, what=f"checkpoint {fs.join(self.directory, str(step))}")
       except Exception as e:  # damaged, or removed by the training run while being read
         if step in self.all_steps():
           log.warning("checkpoint at step %d cannot be restored (%s: %s); skipping it", step, type(e).__name__,
@@ -278,7 +276,7 @@ class Checkpointer:
     return None
 
   def _damaged(self, step: int, error: Exception) -> None:
-    path = os.path.join(self.directory, str(step))
+    path = fs.join(self.directory, str(step))
     reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
     if self.read_only:
       log.warning("checkpoint at step %d cannot be restored (%s); skipping it (read-only: left in place)", step,
@@ -286,9 +284,9 @@ class Checkpointer:
       return
     log.warning("checkpoint at step %d cannot be restored (%s); moving it to %s and trying the previous one", step,
                 reason, self.damaged_dir)
-    if jax.process_index() == 0 and os.path.exists(path):
-      os.makedirs(self.damaged_dir, exist_ok=True)
-      shutil.move(path, os.path.join(self.damaged_dir, f"{step}-{int(time.time())}"))
+    if jax.process_index() == 0 and fs.exists(path):
+      fs.makedirs(self.damaged_dir)
+      fs.rename(path, fs.join(self.damaged_dir, f"{step}-{int(time.time())}"))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from ap_jax import fs
 from ap_jax.data import dataset as dataset_lib
 from ap_jax.data import frames as frames_lib
 from ap_jax.data import locate
@@ -92,16 +93,17 @@ def latent_cache_path(config: ml_collections.ConfigDict, ae_meta: dict, stage_me
   denoisers on one autoencoder, as `ap-jax compare` trains, encode the same table): the cache folder, keyed by
   the dataset (its folder and train files) and the autoencoder (its weights' checksums, step and latent
   statistics). The autoencoder's workdir is never written to."""
-  path = os.path.realpath(locate.resolve_dataset(config.data))
+  path = locate.resolve_dataset(config.data)
+  path = path if fs.is_url(path) else os.path.realpath(path)
   info = dataset_lib.read_info(path)
   files = info.split_files.get("train") or []
   key = dict(dataset=path, generation=info.generation, vae=config.model.vae.to_dict(),
-             train_files=[(os.path.basename(f), n, os.path.getmtime(f)) for f, n in files],
-             autoencoder=os.path.realpath(config.autoencoder_workdir), step=ae_meta.get("step"),
+             train_files=[(fs.basename(f), n, fs.mtime(f)) for f, n in files],
+             autoencoder=fs.absolute(config.autoencoder_workdir), step=ae_meta.get("step"),
              checksums=ae_meta.get("checksums"),
              statistics=[float(stage_meta["latent_shift"]), float(stage_meta["latent_scale"])])
   digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-  return os.path.join(locate.dataset_cache_dir(), "latents", f"{os.path.basename(path)}-{digest}.npy")
+  return os.path.join(locate.dataset_cache_dir(), "latents", f"{fs.basename(path)}-{digest}.npy")
 
 
 def cached_latents(path: str, encode: Callable[[], np.ndarray | None]) -> np.ndarray | None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ap_jax import fs
 from ap_jax.train import checkpoint as checkpoint_lib
 from ap_jax.train import config_utils
 from ap_jax.train import mesh as mesh_lib
@@ -50,7 +50,7 @@ def load_autoencoder(config, mesh, rules) -> tuple[Any, dict]:
   if not ae_dir:
     raise TrainError("stage 'denoiser' needs --config.autoencoder_workdir=DIR, the workdir of a trained "
                      "autoencoder run (`ap-jax train --config ... --config.stage=autoencoder`)")
-  if not os.path.isdir(ae_dir):
+  if not fs.isdir(ae_dir):
     raise TrainError(f"autoencoder_workdir {ae_dir} does not exist")
   ae_config = ml_collections.ConfigDict(config.to_dict())
   ae_config.stage = "autoencoder"
@@ -86,7 +86,7 @@ class TrainedModel:
 def load_trained(workdir: str, mesh=None, rules=None, *, use_ema: bool = True) -> TrainedModel:
   """Loads a trained denoiser (EMA weights by default) and its autoencoder, laid out on `mesh` (default: one
   device, replicated), for sampling and evaluation."""
-  if not os.path.isdir(workdir):
+  if not fs.isdir(workdir):
     raise TrainError(f"workdir {workdir} does not exist")
   with checkpoint_lib.Checkpointer(workdir, read_only=True) as ckpt:
     found = ckpt.latest_meta()

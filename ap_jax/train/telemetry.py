@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 
 import numpy as np
 
+from ap_jax import fs
+
 log = logging.getLogger("ap_jax.train")
 
 class MetricsWriter:
-  """metrics.jsonl (one JSON object per logged step) and TensorBoard scalars; process 0 only."""
+  """metrics.jsonl (one JSON object per logged step) and TensorBoard scalars; process 0 only. The workdir may be a
+  `gs://` URL (`ap_jax.fs`)."""
 
   def __init__(self, workdir: str, enabled: bool):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = fs.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
       drop_torn_line(self.path)
       try:
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        logdir = fs.join(workdir, "tensorboard")
+        fs.register_tensorboard_writer(logdir)
+        self._tb = SummaryWriter(logdir)
       except ImportError:
         log.warning("tensorboardX is not installed: TensorBoard scalars are off")
 
@@ -30,8 +36,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: (None if v is None else float(v)) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    fs.append_text(self.path, json.dumps(record) + "\n")
     if self._tb is not None:
       for key, value in metrics.items():
         if value is not None and np.isfinite(value):
@@ -46,6 +51,14 @@ class MetricsWriter:
 def drop_torn_line(path: str) -> None:
   """A crash mid-write leaves a last line without its newline: cut it (with a warning), so the next record starts
   on a line of its own."""
+  if fs.is_url(path):
+    data = fs.read_bytes(path) if fs.exists(path) else b""
+    if data and not data.endswith(b"\n"):
+      keep = data.rfind(b"\n") + 1
+      log.warning("%s: the last line was cut by an interrupted write (%r); dropping it", path,
+                  data[keep:keep + 80].decode(errors="replace"))
+      fs.write_atomic(path, data[:keep])
+    return
   if not os.path.exists(path) or os.path.getsize(path) == 0:
     return
   with open(path, "rb+") as f:
@@ -63,21 +76,20 @@ def drop_torn_line(path: str) -> None:
 def read_metrics(path: str) -> list[dict]:
   """The records of a metrics.jsonl, skipping (and reporting) lines that do not parse, such as a torn last line."""
   records = []
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        log.warning("%s line %d does not parse (%s); skipping it", path, number, e)
+  for number, line in enumerate(fs.read_text(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      log.warning("%s line %d does not parse (%s); skipping it", path, number, e)
   return records
 
 
 def plot_losses(workdir: str) -> str | None:
   """loss.png from metrics.jsonl: the curve people would rather look at than read."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = fs.join(workdir, "metrics.jsonl")
+  if not fs.exists(path):
     return None
   import matplotlib
 
@@ -100,7 +112,9 @@ def plot_losses(workdir: str) -> str | None:
   ax.legend()
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  out = os.path.join(workdir, "loss.png")
-  fig.savefig(out, dpi=100)
+  out = fs.join(workdir, "loss.png")
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
+  fs.write_atomic(out, buffer.getvalue())
   plt.close(fig)
   return out

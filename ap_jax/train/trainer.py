@@ -27,13 +27,13 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from typing import Any
 
 import jax
 import ml_collections
 
+from ap_jax import fs
 from ap_jax.data import pipeline as pipeline_lib
 from ap_jax.model import layers as layers_lib
 from ap_jax.model import sharding as sharding_lib
@@ -51,7 +51,7 @@ from ap_jax.train.restore import load_autoencoder
 
 log = logging.getLogger("ap_jax.train")
 
-__all__ = ["train", "train_stage", "require_local_path", "Stopped", "TrainError"]
+__all__ = ["train", "train_stage", "Stopped", "TrainError"]
 
 
 def train_stage(config: ml_collections.ConfigDict, workdir: str, *, what: str, progress: bool = True) -> dict:
@@ -74,16 +74,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = Fals
     if isinstance(run, dict):  # stopped during set-up
       return run
     return _loop(run, stop)
-
-
-def require_local_path(path: str | None, what: str) -> None:
-  """Workdirs and datasets are read and written with local file operations (os, Orbax on a local path). A URL
-  would become a local folder named `gs:`; it is refused with the way to use a bucket (a FUSE mount)."""
-  if path and "://" in str(path):
-    raise TrainError(f"{what} {path}: object-store URLs are not read directly yet; mount the bucket (Cloud Storage "
-                     "FUSE: `gcsfuse --implicit-dirs BUCKET /mnt/gcs` on a TPU VM, `launch/tpu_vm.py mount`, or the "
-                     "GKE gcsfuse CSI driver, `launch/xpk.py jobset --bucket`) and pass the mounted path, "
-                     "e.g. /mnt/gcs/runs/NAME")
 
 
 # ------------------------------------------------------------------------------------------------------ set-up
@@ -110,10 +100,10 @@ class _Run:
 def _open_workdir(config, workdir: str, fresh: bool, resources) -> tuple[checkpoint_lib.Checkpointer, int | None,
                                                                             dict]:
   """The workdir's checkpointer, its newest step and that step's meta; refuses a workdir of another model."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if fresh and os.path.isdir(ckpt_dir) and jax.process_index() == 0:
+  ckpt_dir = fs.join(workdir, "checkpoints")
+  if fresh and fs.isdir(ckpt_dir) and jax.process_index() == 0:
     aside = f"{ckpt_dir}.old-{int(time.time())}"
-    os.rename(ckpt_dir, aside)
+    fs.rename(ckpt_dir, aside)
     log.info("--fresh: moved the existing checkpoints to %s", aside)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -158,12 +148,9 @@ def _set_up(config, workdir, *, fresh, progress, stop, resources) -> _Run | dict
   compiles the step. Returns the run, or the summary of a run stopped while encoding its latents."""
   if config.stage not in stages_lib.STAGES:
     raise config_utils.ConfigError(f"stage = {config.stage!r}, expected one of {stages_lib.STAGES}")
-  require_local_path(workdir, "workdir")
-  require_local_path(config.get("autoencoder_workdir"), "autoencoder_workdir")
-  require_local_path(config.data.get("dir"), "data.dir")
-  os.makedirs(workdir, exist_ok=True)
+  fs.makedirs(workdir)
   if config.autoencoder_workdir:
-    config.autoencoder_workdir = os.path.abspath(config.autoencoder_workdir)  # so sampling finds it from anywhere
+    config.autoencoder_workdir = fs.absolute(config.autoencoder_workdir)  # so sampling finds it from anywhere
   is_main = jax.process_index() == 0
   mesh = mesh_lib.build_mesh(config.mesh)
   rules = mesh_lib.rules_from_config(config)
@@ -262,8 +249,7 @@ def _describe(config, workdir, stage, mesh, analysis, abstract_state, start_step
              analysis.get("flops_per_device") or float("nan"),
              ", scan body counted once" if stage.name == "denoiser" and stage.model_config.dit.scan_layers else "",
              mem.get("total", 0) / 2**20, mem.get("arguments", 0) / 2**20, mem.get("temporaries", 0) / 2**20)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_utils.to_json(config))
+    fs.write_atomic(fs.join(workdir, "config.json"), config_utils.to_json(config))
   return summary
 
 
