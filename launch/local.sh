@@ -4,6 +4,7 @@
 #
 #   bash launch/local.sh demo [ARGS]   install, then `ap-jax demo` (the main job on the built-in game)
 #   bash launch/local.sh test [ARGS]   install with the dev, meltingpot, bench and tpu extras, then the test suite
+#   bash launch/local.sh test-beam     in .venv-beam, with the beam extra: the Beam generation test (CI runs it)
 #   bash launch/local.sh setup         install only (the base package and the dev extra)
 #   bash launch/local.sh ap-jax ARGS   install, then any ap-jax command
 #
@@ -82,10 +83,20 @@ case "$JOB" in
     log "running the test suite"
     # -n 2: both cores; tests that need a device count set it in a subprocess or via conftest.
     python -m pytest -q -n 2 --durations=15 "$@" ;;
+  test-beam)
+    # The Beam generation test in a venv of its own (.venv-beam): apache-beam caps protobuf below 7 and pillow
+    # below 13, which would downgrade the main venv's.
+    VENV="${VENV_BEAM:-$ROOT/.venv-beam}"
+    setup
+    log "installing the beam extra"
+    python -m pip install -q -e ".[dev,beam]"
+    python -c "import apache_beam" || { echo "apache-beam did not install" >&2; exit 1; }
+    log "running the Beam generation test"
+    python -m pytest -q -m slow tests/test_data.py -k beam -p no:cacheprovider "$@" ;;
   ap-jax)
     setup
     ap-jax "$@" ;;
   *)
-    echo "unknown job '$JOB': expected demo, test, setup or ap-jax" >&2
+    echo "unknown job '$JOB': expected demo, test, test-beam, setup or ap-jax" >&2
     exit 2 ;;
 esac
