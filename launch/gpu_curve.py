@@ -81,12 +81,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   start = time.time()
   deadline = start + args.deadline_s
-  os.makedirs(args.out, exist_ok=True)
-  work = os.path.abspath(args.work or os.path.join(args.out, "work"))
-  logs = os.path.join(work, "logs")
-  os.makedirs(logs, exist_ok=True)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S",
-                      handlers=[logging.StreamHandler(), logging.FileHandler(os.path.join(logs, "main.log"))])
+  work, logs = set_up_run(args.out, args.work)
   arms = parse_arms(args.arms)
 
   import jax
@@ -138,6 +133,19 @@ def main(argv=None) -> int:
   report["arms"] = arms
   write(args.out, report, logs)
   return 0
+
+
+def set_up_run(out: str, work: str | None) -> tuple[str, str]:
+  """Makes OUT, the working folder (default OUT/work) and its logs/; logs to the console and logs/main.log.
+  Returns (work, logs)."""
+  os.makedirs(out, exist_ok=True)
+  work = os.path.abspath(work or os.path.join(out, "work"))
+  logs = os.path.join(work, "logs")
+  os.makedirs(logs, exist_ok=True)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S",
+                      handlers=[logging.StreamHandler(), logging.FileHandler(os.path.join(logs, "main.log"))])
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+  return work, logs
 
 
 def child_environment() -> dict:

@@ -126,17 +126,11 @@ def run(args) -> int:
     manifest = json.load(f)
   start = time.time()
   deadline = start + args.deadline_s
-  os.makedirs(args.out, exist_ok=True)
-  work = os.path.abspath(args.work or os.path.join(args.out, "work"))
-  logs = os.path.join(work, "logs")
-  os.makedirs(logs, exist_ok=True)
+  work, logs = gpu_curve.set_up_run(args.out, args.work)
   # The bundle's datasets and detectors in a cache of our own (the latent cache is written there, not into the
   # bundle), for this process and the arms'.
   shutil.copytree(os.path.join(bundle, "cache"), os.path.join(work, "cache"), dirs_exist_ok=True)
   os.environ["AP_JAX_CACHE"] = os.path.join(work, "cache")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S",
-                      handlers=[logging.StreamHandler(), logging.FileHandler(os.path.join(logs, "main.log"))])
-  logging.getLogger("absl").setLevel(logging.WARNING)
   arms = gpu_curve.parse_arms(args.arms)
 
   import jax
