@@ -84,16 +84,15 @@ def prepare(args) -> None:
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(os.path.join(tmp, "cache", "datasets"))
   manifest: dict = dict(config=args.config, created=time.strftime("%Y-%m-%d %H:%M:%S"), datasets={}, sets={})
+  paths = {}
   for key, heldout in (("train", False), ("heldout", True)):
-    path = locate.resolve_dataset(config.data, heldout=heldout)  # generated into the cache on first use
-    shutil.copytree(path, os.path.join(tmp, "cache", "datasets", os.path.basename(path)))
-    manifest["datasets"][key] = os.path.basename(path)
-    log.info("dataset %s: %s", key, path)
+    paths[key] = locate.resolve_dataset(config.data, heldout=heldout)  # generated into the cache on first use
+    shutil.copytree(paths[key], os.path.join(tmp, "cache", "datasets", os.path.basename(paths[key])))
+    manifest["datasets"][key] = os.path.basename(paths[key])
+    log.info("dataset %s: %s", key, paths[key])
   sets = dict(fresh=cases_lib.fresh_meltingpot_cases(config, args.players, args.per_count, args.eval_steps),
-              test_split=cases_lib.dataset_dir_cases(locate.resolve_dataset(config.data), "test",
-                                                     range(args.eval_episodes), None),
-              heldout=cases_lib.dataset_dir_cases(locate.resolve_dataset(config.data, heldout=True), "test",
-                                                  range(args.eval_episodes), None))
+              test_split=cases_lib.dataset_dir_cases(paths["train"], "test", range(args.eval_episodes), None),
+              heldout=cases_lib.dataset_dir_cases(paths["heldout"], "test", range(args.eval_episodes), None))
   for name, cases in sets.items():  # scoring the true frames fits (and caches) every detector the cases need
     ceiling = run_lib.oracle(cases)
     manifest["sets"][name] = dict(cases=len(cases), players=sorted({c.num_players for c in cases}),
