@@ -23,6 +23,9 @@ Arguments (comma-separated after the colon, e.g. `meltingpot:tiny,autoencoder,ba
   paper's setting of 2-7 players padded to 8 slots, on an accelerator or a TPU slice (data parallel).
 - `autoencoder` selects that stage; `runlocal` shrinks the run to a smoke test (a few steps and episodes).
 - `compress=N` (with `tiny`): the autoencoder's downsampling, 2 (default) or 4 (the built-in game's, patch 4).
+- `canvas=HxW` (with `tiny`): the canvas in pixels, default 128x128; 72x128 holds every kitchen (at most 9 x 16
+  cells) with no black band, in 56% of the pixels.
+- `patch=N` (with `tiny`): the denoiser's patch size on the latents (default 8 at compress=2, 4 at compress=4).
 - `batch=N`: the global batch size (default 32; with `tiny`, tiny's: 16, 8 with runlocal).
 - `steps=N`: the training steps (default 20,000 for the autoencoder, 100,000 for the denoiser, 3 with runlocal;
   with `tiny`: 4,000 / 3,600, 6 with runlocal). `batch` and `steps` win over runlocal.
@@ -62,6 +65,16 @@ def _tiny(arg):
   # 8 x 8 tokens per frame either way, as on the built-in game's 64 x 64 frames: 64 x 64 latents at patch 8 (2x),
   # 32 x 32 at patch 4 (4x).
   c.model.dit.patch_size = 8 if arg.compress == 2 else 4
+  if arg.canvas is not None:
+    c.data.frame_hw = _canvas(arg.canvas)
+  if arg.patch is not None:
+    c.model.dit.patch_size = arg.patch
+  latent_hw = [s // 2 ** (len(c.model.vae.channel_mult) - 1) for s in c.data.frame_hw]
+  if any(s % c.model.dit.patch_size for s in latent_hw):
+    raise ValueError(f"meltingpot:tiny canvas {c.data.frame_hw[0]}x{c.data.frame_hw[1]} at compress={arg.compress} "
+                     f"gives {latent_hw[0]} x {latent_hw[1]} latents, not a multiple of patch "
+                     f"{c.model.dit.patch_size}: expected a canvas in multiples of "
+                     f"{2 ** (len(c.model.vae.channel_mult) - 1) * c.model.dit.patch_size} px")
   if arg.autoencoder and not arg.runlocal:
     c.total_steps = 4000
   c.model.vae.foreground = "subjects"  # the map is textured: weight the players' cells, not "not the median"
@@ -78,8 +91,20 @@ def _tiny(arg):
   return c
 
 
+def _canvas(text):
+  """`canvas=HxW` as (H, W) in pixels."""
+  h, sep, w = text.partition("x")
+  if not (sep and h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0):
+    raise ValueError(f"meltingpot:tiny canvas={text!r}: expected HEIGHTxWIDTH in pixels, e.g. canvas=72x128")
+  return (int(h), int(w))
+
+
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, autoencoder=False, runlocal=False, tiny=False, batch=int, steps=int, compress=2)
+  arg = config_utils.parse_arg(arg, autoencoder=False, runlocal=False, tiny=False, batch=int, steps=int, compress=2,
+                               canvas=str, patch=int)
+  if not arg.tiny and (arg.canvas is not None or arg.patch is not None):
+    raise ValueError("meltingpot: canvas= and patch= are arguments of the tiny recipe (meltingpot:tiny,...); "
+                     "override --config.data.frame_hw and --config.model.dit.patch_size otherwise")
   if arg.tiny:
     c = _tiny(arg)
   else:

@@ -650,6 +650,24 @@ def test_meltingpot_tiny_compression_sets_the_autoencoder_and_the_patch_together
     config_utils.load_config("meltingpot:tiny,compress=3")
 
 
+def test_meltingpot_tiny_canvas_and_patch_arguments():
+  """`canvas=HxW` sets the generated canvas (a new dataset), `patch=N` the denoiser's patch; a canvas whose latents
+  the patch does not tile is refused, naming both."""
+  config = config_utils.load_config("meltingpot:tiny,canvas=72x128,patch=4")
+  assert locate.frame_hw(config) == (72, 128) and config.model.dit.patch_size == 4
+  assert tuple(config.model.vae.channel_mult) == (1, 2)
+  spec = locate.generation_spec(config.data)
+  assert spec.canvas_hw == (72, 128)
+  assert spec.content_hash() != locate.generation_spec(config_utils.load_config("meltingpot:tiny").data).content_hash()
+  with pytest.raises(ValueError, match=r"canvas 72x128 at compress=2 gives 36 x 64 latents, not a multiple of "
+                                       r"patch 8: expected a canvas in multiples of 16 px"):
+    config_utils.load_config("meltingpot:tiny,canvas=72x128")
+  with pytest.raises(ValueError, match=r"canvas='72by128': expected HEIGHTxWIDTH in pixels"):
+    config_utils.load_config("meltingpot:tiny,canvas=72by128")
+  with pytest.raises(ValueError, match="canvas= and patch= are arguments of the tiny recipe"):
+    config_utils.load_config("meltingpot:patch=4")
+
+
 @pytest.mark.slow  # Melting Pot episodes, detectors fitted on first use, two stages compiled: about 3 min
 @pytest.mark.meltingpot
 def test_meltingpot_config_trains_and_scores_its_held_out_substrates(tmp_path, monkeypatch):
