@@ -13,19 +13,20 @@ by detectors learned per substrate (ap_jax/eval/learned_detector.py). The meltin
 
 Arguments (comma-separated after the colon, e.g. `meltingpot:tiny,autoencoder,batch=32`):
 - `tiny`: the built-in game's tiny recipe (configs/tiny.py) on the Melting Pot substrates whose maps fit a
-  128 x 128 canvas at 8 px per cell: the collaborative_cooking family. Trains on `crowded` (2-7 players) and `figure_eight`
-  (2-6), and holds out the five two-player kitchens (`asymmetric`, `circuit`, `cramped`, `forced`, `ring`): layouts
-  never seen, same sprites. The autoencoder compresses 2x and trains 4,000 steps (53 min on 2 busy cores here;
-  research log entry 25). The tiny denoiser does not yet render through it at the demo's budget (entry 26: patch-8
-  tokens of 512 values against a width of 128); README "Melting Pot: trained on some substrates, scored on unseen
-  ones".
+  72 x 128 canvas at 8 px per cell: the collaborative_cooking family. Trains on `crowded` (2-7 players) and
+  `figure_eight` (2-6), and holds out the five two-player kitchens (`asymmetric`, `circuit`, `cramped`, `forced`,
+  `ring`): layouts never seen, same sprites. The autoencoder compresses 2x and trains 4,000 steps (7 min on 2 idle
+  cores; research log entries 25 and 30); the denoiser takes patch 4 (a token is a cell) and weights the players'
+  cells in its loss. At the demo's budget it does not yet beat holding the first frame (entry 30); README
+  "Melting Pot: trained on some substrates, scored on unseen ones".
 - default (no `tiny`): the small model on a 256 x 256 canvas (8 px cells for maps up to 32 x 32 cells), the
   paper's setting of 2-7 players padded to 8 slots, on an accelerator or a TPU slice (data parallel).
 - `autoencoder` selects that stage; `runlocal` shrinks the run to a smoke test (a few steps and episodes).
-- `compress=N` (with `tiny`): the autoencoder's downsampling, 2 (default) or 4 (the built-in game's, patch 4).
-- `canvas=HxW` (with `tiny`): the canvas in pixels, default 128x128; 72x128 holds every kitchen (at most 9 x 16
-  cells) with no black band, in 56% of the pixels.
-- `patch=N` (with `tiny`): the denoiser's patch size on the latents (default 8 at compress=2, 4 at compress=4).
+- `compress=N` (with `tiny`): the autoencoder's downsampling, 2 (default) or 4 (the built-in game's, patch 2).
+- `canvas=HxW` (with `tiny`): the canvas in pixels, default 72x128, which holds every kitchen (at most 9 x 16
+  cells) with no black band.
+- `patch=N` (with `tiny`): the denoiser's patch size on the latents (default 4 at compress=2, 2 at compress=4: a
+  token is one 8 px cell).
 - `batch=N`: the global batch size (default 32; with `tiny`, tiny's: 16, 8 with runlocal).
 - `steps=N`: the training steps (default 20,000 for the autoencoder, 100,000 for the denoiser, 3 with runlocal;
   with `tiny`: 4,000 / 3,600, 6 with runlocal). `batch` and `steps` win over runlocal.
@@ -52,19 +53,26 @@ TINY_HELDOUT_SUBSTRATES = ("collaborative_cooking__asymmetric", "collaborative_c
 def _tiny(arg):
   tiny_arg = ",".join(flag for flag in ("autoencoder", "runlocal") if arg[flag])
   c = config_utils.load_config(f"tiny:{tiny_arg}")
-  # 8 px cells, as the built-in game's: the kitchens (at most 9 x 16 cells) fit a 128 x 128 canvas unscaled. At
-  # 64 x 64 (4 px cells) the tiny autoencoder loses the players (docs/research_log.md entry 21).
-  c.data.frame_hw = (128, 128)
+  # 8 px cells, as the built-in game's: the kitchens (at most 9 x 16 cells: 72 x 128 px) fit a 72 x 128 canvas
+  # unscaled, with no black band (a 128 x 128 canvas was 44% black padding; the autoencoder's ceiling is the same on
+  # both: docs/research_log.md entry 30). At 4 px cells the tiny autoencoder loses the players (entry 21).
+  c.data.frame_hw = (72, 128)
   # 2x compression, not the built-in game's 4x: Melting Pot's sprites have ears, eyes and outlines, and the
   # reconstructions through 4x latents kept only coloured blobs. Through 2x latents trained 4,000 steps the true
-  # frames score SP 0.996 and MA 0.921 (validation; docs/research_log.md entry 25).
-  # `compress=4`: the built-in game's 4x autoencoder (channel_mult (1, 2, 4)), patch 4 on its 32 x 32 latents.
+  # frames score SP 0.997 and MA 0.902 (validation; docs/research_log.md entries 25 and 30).
+  # `compress=4`: the built-in game's 4x autoencoder (channel_mult (1, 2, 4)).
   if arg.compress not in (2, 4):
     raise ValueError(f"meltingpot:tiny compress={arg.compress}: expected 2 or 4 (the autoencoder's downsampling)")
   c.model.vae.channel_mult = (1, 2) if arg.compress == 2 else (1, 2, 4)
-  # 8 x 8 tokens per frame either way, as on the built-in game's 64 x 64 frames: 64 x 64 latents at patch 8 (2x),
-  # 32 x 32 at patch 4 (4x).
-  c.model.dit.patch_size = 8 if arg.compress == 2 else 4
+  # A token is one 8 px cell either way (9 x 16 tokens a frame), as on the built-in game: patch 4 on the 2x latents
+  # (128 values a token, the width; patch 8 packed 512 into it and the denoiser could not carry the frame through:
+  # entries 26 and 28), patch 2 on the 4x latents.
+  c.model.dit.patch_size = 4 if arg.compress == 2 else 2
+  # The players are a few percent of a textured frame: their cells (where each is and was) weigh 1 + 4 in the
+  # video loss (flow.subject_loss_weight; validation movement accuracy 0.120 against 0.090 unweighted, at step 1
+  # 0.337 against 0.140: entry 30).
+  if not arg.autoencoder:
+    c.model.flow.subject_loss_weight = 4.0
   if arg.canvas is not None:
     c.data.frame_hw = _canvas(arg.canvas)
   if arg.patch is not None:

@@ -638,12 +638,15 @@ def test_meltingpot_configs_name_their_training_and_held_out_substrates():
 
 
 def test_meltingpot_tiny_compression_sets_the_autoencoder_and_the_patch_together():
-  """`compress=2` (default) and `compress=4`: 8 x 8 tokens a 128 x 128 frame either way, on the same dataset."""
-  for arg, mult, patch in (("tiny", (1, 2), 8), ("tiny,compress=4", (1, 2, 4), 4)):
+  """`compress=2` (default) and `compress=4`: a token is one 8 px cell either way (9 x 16 tokens a 72 x 128 frame),
+  on the same dataset; the denoiser weights the players' cells, the autoencoder stage has its own weighting."""
+  for arg, mult, patch in (("tiny", (1, 2), 4), ("tiny,compress=4", (1, 2, 4), 2)):
     config = config_utils.load_config(f"meltingpot:{arg}")
     assert (tuple(config.model.vae.channel_mult), config.model.dit.patch_size) == (mult, patch)
     factor = 2 ** (len(mult) - 1)
-    assert tuple(s // factor // patch for s in locate.frame_hw(config)) == (8, 8)
+    assert tuple(s // factor // patch for s in locate.frame_hw(config)) == (9, 16)
+    assert config.model.flow.subject_loss_weight == 4.0
+  assert config_utils.load_config("meltingpot:tiny,autoencoder").model.flow.subject_loss_weight == 0.0
   assert (locate.generation_spec(config_utils.load_config("meltingpot:tiny,compress=4").data).content_hash()
           == locate.generation_spec(config_utils.load_config("meltingpot:tiny").data).content_hash())
   with pytest.raises(ValueError, match="compress=3: expected 2 or 4"):
@@ -653,15 +656,15 @@ def test_meltingpot_tiny_compression_sets_the_autoencoder_and_the_patch_together
 def test_meltingpot_tiny_canvas_and_patch_arguments():
   """`canvas=HxW` sets the generated canvas (a new dataset), `patch=N` the denoiser's patch; a canvas whose latents
   the patch does not tile is refused, naming both."""
-  config = config_utils.load_config("meltingpot:tiny,canvas=72x128,patch=4")
-  assert locate.frame_hw(config) == (72, 128) and config.model.dit.patch_size == 4
+  config = config_utils.load_config("meltingpot:tiny,canvas=128x128,patch=8")
+  assert locate.frame_hw(config) == (128, 128) and config.model.dit.patch_size == 8
   assert tuple(config.model.vae.channel_mult) == (1, 2)
   spec = locate.generation_spec(config.data)
-  assert spec.canvas_hw == (72, 128)
+  assert spec.canvas_hw == (128, 128)
   assert spec.content_hash() != locate.generation_spec(config_utils.load_config("meltingpot:tiny").data).content_hash()
   with pytest.raises(ValueError, match=r"canvas 72x128 at compress=2 gives 36 x 64 latents, not a multiple of "
                                        r"patch 8: expected a canvas in multiples of 16 px"):
-    config_utils.load_config("meltingpot:tiny,canvas=72x128")
+    config_utils.load_config("meltingpot:tiny,patch=8")
   with pytest.raises(ValueError, match=r"canvas='72by128': expected HEIGHTxWIDTH in pixels"):
     config_utils.load_config("meltingpot:tiny,canvas=72by128")
   with pytest.raises(ValueError, match="canvas= and patch= are arguments of the tiny recipe"):
