@@ -17,7 +17,7 @@ its rollouts. So the work is cut in two:
       wall-clock deadline (then SIGTERM: the trainer saves, and the arm is scored where it stopped, marked cut), then
       scores every arm on every case set. Writes OUT/curve.json, OUT/curve.md, OUT/curve.png, OUT/logs.tar.gz.
 
-  python launch/gpu_meltingpot.py prepare --bundle out/mp_bundle --config meltingpot:tiny --ae out/compare_mp2/ae
+  python launch/gpu_meltingpot.py prepare --bundle out/mp_bundle --config meltingpot:tiny --ae out/compare_mp/ae
   python launch/gpu_meltingpot.py run --bundle out/mp_bundle --out OUT --deadline-s 480 \\
       --arms full:16x2800,global_actions:16x2800,full:48x2800,global_actions:48x2800
 
@@ -29,7 +29,7 @@ CPU smoke test (minutes; the runlocal config, 2 episodes a count, tiny budgets):
       --deadline-s 900 --denoise-steps 2
 
 The bundle travels to the device machine as a carried folder (device/README.md): keep it under 64 MiB with the
-wheels (`meltingpot:tiny` with 6 episodes a count: about 20 MB).
+wheels (`meltingpot:tiny` with 6 episodes a count was about 20 MB on the former 128 x 128 canvas).
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
   r.add_argument("--denoise-steps", type=int, default=10)
   r.add_argument("--override", action="append", default=[], metavar="--config.KEY=VALUE",
                  help="a denoiser config override for every arm (repeatable), e.g. "
-                      "--override=--config.model.dit.patch_size=4")
+                      "--override=--config.model.flow.subject_loss_weight=0")
   s = sub.add_parser("score", help=argparse.SUPPRESS)
   s.add_argument("--bundle", required=True)
   s.add_argument("--workdir", required=True)

@@ -645,7 +645,7 @@ def test_meltingpot_tiny_compression_sets_the_autoencoder_and_the_patch_together
     assert (tuple(config.model.vae.channel_mult), config.model.dit.patch_size) == (mult, patch)
     factor = 2 ** (len(mult) - 1)
     assert tuple(s // factor // patch for s in locate.frame_hw(config)) == (9, 16)
-    assert config.model.flow.subject_loss_weight == 4.0
+    assert config.model.flow.subject_loss_weight == 12.0
   assert config_utils.load_config("meltingpot:tiny,autoencoder").model.flow.subject_loss_weight == 0.0
   assert (locate.generation_spec(config_utils.load_config("meltingpot:tiny,compress=4").data).content_hash()
           == locate.generation_spec(config_utils.load_config("meltingpot:tiny").data).content_hash())
