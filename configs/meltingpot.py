@@ -33,6 +33,7 @@ Arguments (comma-separated after the colon, e.g. `meltingpot:tiny,autoencoder,ba
 Override the substrates with `--config.data.substrates=a,b --config.data.heldout_substrates=c,d`.
 """
 
+from ap_jax.model import config as model_config
 from ap_jax.train import config_utils
 from ap_jax.train.defaults import base_config
 
@@ -77,12 +78,12 @@ def _tiny(arg):
     c.data.frame_hw = _canvas(arg.canvas)
   if arg.patch is not None:
     c.model.dit.patch_size = arg.patch
-  latent_hw = [s // 2 ** (len(c.model.vae.channel_mult) - 1) for s in c.data.frame_hw]
+  latent_hw = [s // model_config.compression(c.model) for s in c.data.frame_hw]
   if any(s % c.model.dit.patch_size for s in latent_hw):
     raise ValueError(f"meltingpot:tiny canvas {c.data.frame_hw[0]}x{c.data.frame_hw[1]} at compress={arg.compress} "
                      f"gives {latent_hw[0]} x {latent_hw[1]} latents, not a multiple of patch "
                      f"{c.model.dit.patch_size}: expected a canvas in multiples of "
-                     f"{2 ** (len(c.model.vae.channel_mult) - 1) * c.model.dit.patch_size} px")
+                     f"{model_config.pixels_per_token(c.model)} px")
   if arg.autoencoder and not arg.runlocal:
     c.total_steps = 4000
   c.model.vae.foreground = "subjects"  # the map is textured: weight the players' cells, not "not the median"
