@@ -545,3 +545,12 @@ def test_own_context_trains_the_second_step_from_the_models_own_first_step():
                                         for k, v in batch.items()}, jax.random.key(0))
   with pytest.raises(ValueError, match="needs dit.previous_frame_input = True, dit.context_tokens = False"):
     dit.own_context_batch(params, small_config(previous_frame_input=True), batch, jax.random.key(0))
+
+
+def test_patchify_refuses_latents_the_patch_does_not_tile():
+  """A latent grid the patch does not divide is a clear error naming both (not a reshape failure)."""
+  from ap_jax.model import dit_blocks
+  x = jnp.zeros((1, 1, 36, 64, 8))
+  assert dit_blocks.patchify(x, 4).shape == (1, 1, 9 * 16, 128)
+  with pytest.raises(ValueError, match=r"latents are 36 x 64, not a multiple of dit.patch_size = 8"):
+    dit_blocks.patchify(x, 8)

@@ -242,6 +242,9 @@ def patchify(x_BFhwc: jax.Array, patch_size: int) -> jax.Array:
   """[B, F, h, w, c] -> [B, F, N, ps ps c], patches in row-major order (video token (i, j) is patch i X + j)."""
   b, f, h, w, c = x_BFhwc.shape
   ps = patch_size
+  if h % ps or w % ps:
+    raise ValueError(f"latents are {h} x {w}, not a multiple of dit.patch_size = {ps}: expected frames in multiples "
+                     f"of {ps} x the autoencoder's compression in pixels")
   patches = x_BFhwc.reshape(b, f, h // ps, ps, w // ps, ps, c).transpose(0, 1, 2, 4, 3, 5, 6)
   return patches.reshape(b, f, -1, ps * ps * c)
 
