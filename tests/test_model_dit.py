@@ -11,6 +11,7 @@ from jax.sharding import AxisType, PartitionSpec
 
 from ap_jax.model import config as config_lib
 from ap_jax.model import dit
+from ap_jax.model import dit_model
 from ap_jax.model import layers
 from ap_jax.model import sharding
 
@@ -18,12 +19,13 @@ B, F, P = 2, 3, 4  # batch, latent frames (2 actions), subject slots
 LATENT_HW = 8  # 8x8 latents, patch 2 -> 4x4 = 16 video tokens per frame
 
 
-def small_config(**dit_overrides):
+def small_config(flow=None, **dit_overrides):
   cfg = config_lib.get_model_config("tiny")
   cfg.max_players = P
   cfg.vae.latent_channels = 4
   cfg.dit.update(dict(width=64, depth=2, heads=2, mlp=128, freq_dim=64, coord_freqs=4))
   cfg.dit.update(dit_overrides)
+  cfg.flow.update(flow or {})
   return cfg
 
 
@@ -69,6 +71,7 @@ SWITCHES = [
     {"slot_embedding": True},
     {"previous_frame_input": True},
     {"previous_frame_input": True, "context_tokens": False},
+    {"previous_frame_input": True, "context_tokens": False, "flow": {"video_target": "residual"}},
     {"state_facing": True},
     {"state_facing": True, "subject_tokens": False},
     {"scan_layers": False, "remat_policy": "full"},
@@ -329,7 +332,7 @@ def test_action_dropout_replaces_whole_clips_with_null_actions():
 
 
 @pytest.mark.parametrize("overrides", [{}, {"subject_tokens": False, "scan_layers": False},
-                                       {"previous_frame_input": True}])
+                                       {"previous_frame_input": True, "flow": {"video_target": "residual"}}])
 def test_kv_cache_matches_one_pass(overrides):
   """Frames 0-1 with return_cache, then frame 2 from the cache, give exactly the one-pass outputs; so does a
   cache grown one frame at a time."""
@@ -502,6 +505,36 @@ def test_displacement_target_predicts_the_state_relative_to_the_previous_frame()
   cfg.flow.coord_prior = "standard"
   with pytest.raises(ValueError, match="coord_target = 'displacement' needs"):
     dit.training_inputs(cfg, batch, jax.random.key(1))
+
+
+def test_residual_video_target_predicts_the_frame_as_a_change_from_the_previous_one():
+  """flow.video_target = "residual": the head's zero means "hold the previous frame" (the clean-frame estimate
+  x_t - t v is the previous latents), the velocity is exact when the head is the true change, t is floored at
+  0.05, and the switch needs the previous frame as input."""
+  cfg = small_config(previous_frame_input=True, context_tokens=False, flow={"video_target": "residual"})
+  params = dit.init(jax.random.key(0), cfg)
+  zero_head = dict(params, head=dict(params["head"], out=jax.tree.map(jnp.zeros_like, params["head"]["out"])))
+  inputs = make_inputs(cfg)
+  t = np.asarray(inputs["times"])[:, :, None, None, None]
+  out = run(cfg, zero_head, inputs)
+  estimate = np.asarray(inputs["latents"]) - np.maximum(t, 0.05) * np.asarray(out["video"])
+  np.testing.assert_allclose(estimate, inputs["previous_latents"], atol=1e-5)
+  # x_t = (1 - t) x0 + t eps: a head equal to x0 - previous gives v = eps - x0 (t >= 0.05), and x0's error / 0.05 below.
+  rng = np.random.default_rng(3)
+  x0, eps, prev = (rng.normal(size=(2, 3, 4, 4, 2)).astype(np.float32) for _ in range(3))
+  times = np.asarray([[0.9, 0.3, 0.05], [0.5, 0.01, 0.0]], np.float32)
+  x_t = (1 - times[..., None, None, None]) * x0 + times[..., None, None, None] * eps
+  v = dit_model.residual_velocity(jnp.asarray(x0 - prev), jnp.asarray(prev), jnp.asarray(x_t), jnp.asarray(times))
+  exact = times >= 0.05
+  np.testing.assert_allclose(np.asarray(v)[exact], (eps - x0)[exact], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(v)[~exact], ((x_t - x0) / 0.05)[~exact], rtol=1e-4, atol=1e-4)
+  batch = _batch(cfg)
+  loss, grads = jax.value_and_grad(lambda p: dit.loss_fn(p, cfg, batch, jax.random.key(2))[0])(params)
+  assert np.isfinite(float(loss)) and float(jnp.abs(grads["head"]["out"]["kernel"]).max()) > 0
+  with pytest.raises(ValueError, match="video_target = 'residual' needs dit.previous_frame_input"):
+    dit.init(jax.random.key(0), small_config(flow={"video_target": "residual"}))
+  with pytest.raises(ValueError, match="video_target = 'x0', expected one of"):
+    dit.init(jax.random.key(0), small_config(previous_frame_input=True, flow={"video_target": "x0"}))
 
 
 def _own_context_config(prob, max_time=0.5):

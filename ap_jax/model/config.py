@@ -120,6 +120,12 @@ def _flow():
       # were" is the head's zero and only the move is learned. Needs coord_prior="previous" and
       # dit.previous_frame_input; samplers step the coordinates DDIM-style from the predicted clean state.
       coord_target="velocity",
+      # What the video head predicts (ours): "velocity" (flow matching, as Wan2.1) or "residual": the clean frame as
+      # previous_latents + head (x-prediction around the previous frame), turned into the velocity
+      # (x_t - x0) / max(t, 0.05) that the loss and the samplers read. "Hold the frame" is then the head's zero,
+      # the prior a pretrained video model brings to ActionParty and a model trained from scratch lacks. Needs
+      # dit.previous_frame_input. A deviation from the paper, measured as one (docs/research_log.md entry 31).
+      video_target="velocity",
       # Extra video-loss weight on the latent cells a player occupies in the frame or occupied in the previous
       # frame (dit.subject_region_weight): 1 + this there, 1 elsewhere. 0 = the plain unweighted loss.
       subject_loss_weight=0.0,

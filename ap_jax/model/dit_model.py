@@ -29,6 +29,21 @@ from ap_jax.model import subjects
 from ap_jax.model.dit_blocks import dense
 from ap_jax.model.sharding import constrain
 
+VIDEO_TARGETS = ("velocity", "residual")
+# The smallest flow time residual_velocity divides by: below it the velocity is the clean-frame error times 20.
+RESIDUAL_MIN_TIME = 0.05
+
+
+def residual_velocity(head_BFhwc: jax.Array, previous_BFhwc: jax.Array, noisy_BFhwc: jax.Array,
+                      times_BF: jax.Array) -> jax.Array:
+  """flow.video_target = "residual": the head's output is the clean frame's change from the previous frame, so
+  x0 = previous + head, and the flow velocity is (x_t - x0) / t (x_t = (1 - t) x0 + t eps gives v = eps - x0 exactly
+  when x0 is right). t is floored at RESIDUAL_MIN_TIME, as x-prediction models floor it (float32)."""
+  f32 = jnp.float32
+  x0 = previous_BFhwc.astype(f32) + head_BFhwc.astype(f32)
+  t = jnp.maximum(times_BF.astype(f32), RESIDUAL_MIN_TIME)[:, :, None, None, None]
+  return (noisy_BFhwc.astype(f32) - x0) / t
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -62,6 +77,7 @@ class Settings:
   param_dtype: str
   coord_displacement: bool  # flow.coord_target = "displacement": the coordinate head predicts the clean state
   coord_noise_std: float
+  video_residual: bool  # flow.video_target = "residual": the video head predicts the clean frame's change
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "Settings":
@@ -73,6 +89,12 @@ class Settings:
       raise ValueError("dit.context_tokens = False needs dit.previous_frame_input = True: without context tokens the "
                        "previous frame reaches the model only as input channels")
     layers.remat_policy(d.remat_policy)  # validates the name
+    video_target = config.flow.get("video_target", "velocity")
+    if video_target not in VIDEO_TARGETS:
+      raise ValueError(f"flow.video_target = {video_target!r}, expected one of {VIDEO_TARGETS}")
+    if video_target == "residual" and not d.previous_frame_input:
+      raise ValueError("flow.video_target = 'residual' needs dit.previous_frame_input = True (the head predicts the "
+                       "change from the previous frame's latents)")
     layers.compute_dtype(d.dtype)
     return cls(
         width=int(d.width), heads=int(d.heads), depth=int(d.depth), mlp=int(d.mlp), patch_size=int(d.patch_size),
@@ -86,7 +108,7 @@ class Settings:
         attention_impl=str(d.attention_impl), scan_layers=bool(d.scan_layers), remat_policy=str(d.remat_policy),
         ln_grad_barrier=bool(d.get("ln_grad_barrier", False)), dtype=str(d.dtype), param_dtype=str(d.param_dtype),
         coord_displacement=config.flow.get("coord_target", "velocity") == "displacement",
-        coord_noise_std=float(config.flow.coord_noise_std))
+        coord_noise_std=float(config.flow.coord_noise_std), video_residual=video_target == "residual")
 
   @property
   def start_action_id(self) -> int:
@@ -232,7 +254,10 @@ class DiT(nnx.Module):
 
     with jax.named_scope("head"):
       y = self.head.modulate(x, e)
-      out = {"video": dit_blocks.unpatchify(self.head.out(y[:, :, :n]), ps, (h, w))}
+      video_out = dit_blocks.unpatchify(self.head.out(y[:, :, :n]), ps, (h, w))
+      if s.video_residual:
+        video_out = residual_velocity(video_out, inputs["previous_latents"], latents, inputs["times"])
+      out = {"video": video_out}
       if s.subject_tokens:
         coord_v = self.coord_head(y[:, :, n:])
         if s.coord_displacement:
