@@ -158,3 +158,20 @@ def test_the_wheel_carries_the_configs_and_finds_them_by_name(tmp_path):
   assert module == str(site / "ap_jax" / "__init__.py") and found == str(site / "ap_jax" / "configs")
   assert out == "".join(config_utils.to_json(config_utils.load_config(spec)) + "\n"
                         for spec in ("tiny:autoencoder,runlocal", "meltingpot:tiny"))
+
+
+def test_tokens_per_example_refuses_a_frame_the_tokens_do_not_tile():
+  from ap_jax.model import config as model_config_lib
+  from ap_jax.train import stages as stages_lib
+  config = config_utils.load_config("tiny")
+  stage = stages_lib.Stage(name="denoiser", model_config=config.model, init=None, logical_axes=None, loss=None,
+                           batch_keys=())
+  per_side = model_config_lib.pixels_per_token(config.model)
+  config.data.frame_hw = (4 * per_side, 3 * per_side)
+  frames = int(config.data.clip_steps) + 1 - (0 if config.model.dit.get("context_tokens", True) else 1)
+  subjects = int(config.model.max_players) if config.model.dit.subject_tokens else 0
+  assert stages_lib.tokens_per_example(config, stage) == frames * (12 + subjects)
+  config.data.frame_hw = (4 * per_side + 1, 3 * per_side)
+  with pytest.raises(config_utils.ConfigError, match=rf"frames are {4 * per_side + 1} x {3 * per_side} px, not a "
+                     rf"multiple of {per_side} px a token"):
+    stages_lib.tokens_per_example(config, stage)

@@ -166,6 +166,9 @@ def tokens_per_example(config, stage: Stage) -> int:
     crop = int(config.get("autoencoder_crop", 0))
     return frames * (crop * crop if crop else h * w)  # pixels
   per_side = model_config_lib.pixels_per_token(stage.model_config)
+  if h % per_side or w % per_side:
+    raise config_utils.ConfigError(f"frames are {h} x {w} px, not a multiple of {per_side} px a token (the "
+                                   f"autoencoder's compression x dit.patch_size): the token count would be floored")
   subjects = int(config.model.max_players) if stage.model_config.dit.subject_tokens else 0
   frames -= 0 if stage.model_config.dit.get("context_tokens", True) else 1
   if stage.model_config.flow.get("own_context_prob", 0.0) > 0:
