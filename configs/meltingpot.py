@@ -17,8 +17,9 @@ Arguments (comma-separated after the colon, e.g. `meltingpot:tiny,autoencoder,ba
   `figure_eight` (2-6), and holds out the five two-player kitchens (`asymmetric`, `circuit`, `cramped`, `forced`,
   `ring`): layouts never seen, same sprites. The autoencoder compresses 2x and trains 4,000 steps (7 min on 2 idle
   cores; research log entries 25 and 30); the denoiser takes patch 4 (a token is a cell), weights the players'
-  cells in its loss and predicts each frame as a change from the previous one (entry 31). At the demo's budget it does not yet beat holding the first frame (entry 30); README
-  "Melting Pot: trained on some substrates, scored on unseen ones".
+  cells in its loss and predicts each frame as a change from the previous one (entry 31). At the demo's budget it
+  does not yet beat holding the first frame (entries 30, 31); README "Melting Pot: trained on some substrates,
+  scored on unseen ones".
 - default (no `tiny`): the small model on a 256 x 256 canvas (8 px cells for maps up to 32 x 32 cells), the
   paper's setting of 2-7 players padded to 8 slots, on an accelerator or a TPU slice (data parallel).
 - `autoencoder` selects that stage; `runlocal` shrinks the run to a smoke test (a few steps and episodes).

@@ -50,18 +50,29 @@ KEYS = ("movement_accuracy", "subject_preservation", "tracking_error_px", "psnr"
 
 
 def parse_arms(text: str) -> list[dict]:
+  """`VARIANT:BATCHxSTEPS[:sSEED]` items, comma-separated (seed: the training seed, default the config's): one
+  config over several seeds, e.g. `full:16x2800:s0,full:16x2800:s1`, since one seed's rollout scores spread more
+  than many single changes move them (docs/research_log.md entry 31)."""
   from ap_jax import demo
 
   arms = []
   for item in text.split(","):
     try:
-      variant, size = item.strip().split(":")
+      variant, size, *rest = item.strip().split(":")
       batch, steps = (int(v) for v in size.split("x"))
+      if len(rest) > 1 or (rest and not (rest[0].startswith("s") and rest[0][1:].isdigit())):
+        raise ValueError(item)
     except ValueError:
-      raise SystemExit(f"--arms item {item!r}: expected VARIANT:BATCHxSTEPS, e.g. full:16x2800") from None
+      raise SystemExit(f"--arms item {item!r}: expected VARIANT:BATCHxSTEPS or VARIANT:BATCHxSTEPS:sSEED, e.g. "
+                       f"full:16x2800 or full:16x2800:s1") from None
     if variant not in demo.VARIANTS:
       raise SystemExit(f"--arms item {item!r}: unknown variant {variant!r}, expected one of {', '.join(demo.VARIANTS)}")
-    arms.append(dict(name=f"{variant}_b{batch}_s{steps}", variant=variant, batch=batch, steps=steps))
+    seed = int(rest[0][1:]) if rest else None
+    arms.append(dict(name=f"{variant}_b{batch}_s{steps}" + ("" if seed is None else f"_seed{seed}"), variant=variant,
+                     batch=batch, steps=steps, seed=seed))
+  names = [a["name"] for a in arms]
+  if len(set(names)) != len(names):
+    raise SystemExit(f"--arms {text!r}: an arm is named twice; give repeats a seed each (VARIANT:BATCHxSTEPS:sSEED)")
   return arms
 
 
@@ -154,6 +165,11 @@ def child_environment() -> dict:
       [ROOT] + [v for v in os.environ.get("PYTHONPATH", "").split(os.pathsep) if v]))
 
 
+def arm_label(arm: dict) -> str:
+  """The arm's variant, with its training seed where the arm names one (a table's first column)."""
+  return arm["variant"] + ("" if arm.get("seed") is None else f" (seed {arm['seed']})")
+
+
 def arm_overrides(arm: dict, ae_dir: str) -> list[str]:
   """The denoiser overrides of one arm: its variant, budget, one checkpoint at the end, data read in-process."""
   from ap_jax import demo
@@ -162,7 +178,7 @@ def arm_overrides(arm: dict, ae_dir: str) -> list[str]:
       f"--config.autoencoder_workdir={ae_dir}", f"--config.total_steps={arm['steps']}",
       f"--config.data.global_batch_size={arm['batch']}", "--config.log_every=100",
       f"--config.checkpoint_every={max(arm['steps'], 1)}", "--config.keep_checkpoints=1",
-      "--config.data.worker_count=0"]
+      "--config.data.worker_count=0"] + ([] if arm.get("seed") is None else [f"--config.seed={arm['seed']}"])
 
 
 def train_arms(arms: list[dict], logs: str, train_deadline: float, env: dict) -> list[str]:
@@ -257,7 +273,8 @@ def markdown(report: dict) -> str:
   for arm in report["arms"]:
     hold = hold or arm.get("hold_initial_frame")
     reached = arm.get("reached_step")
-    lines.append(f"| {arm['variant']} | {arm['batch']} | {fmt(reached)} / {arm['steps']}{' (cut)' if arm.get('cut') else ''}"
+    cut = " (cut)" if arm.get("cut") else ""
+    lines.append(f"| {arm_label(arm)} | {arm['batch']} | {fmt(reached)} / {arm['steps']}{cut}"
                  f" | {fmt(arm.get('train_flops'))} | {fmt(arm.get('step_time_s'), 4)} | "
                  + " | ".join(fmt(arm.get(k)) for k in ("movement_accuracy", "subject_preservation")) + " | "
                  + f"{fmt(arm.get('tracking_error_px'), 2)} | {fmt(arm.get('psnr'), 2)} | {fmt(arm.get('ssim'))} |")

@@ -213,7 +213,7 @@ def markdown(report: dict) -> str:
 
   for arm in report["arms"]:
     test, held = arm.get("test_split", {}), arm.get("heldout", {})
-    lines.append(f"| {arm['variant']} | {arm['batch']} | {arm.get('reached_step', '-')} | "
+    lines.append(f"| {gpu_curve.arm_label(arm)} | {arm['batch']} | {arm.get('reached_step', '-')} | "
                  f"{fmt(test.get('movement_accuracy'))} | {fmt(test.get('subject_preservation'))} | "
                  f"{fmt(held.get('movement_accuracy'))} | {fmt(held.get('subject_preservation'))} |")
   hold = next((a for a in report["arms"] if a.get("test_split")), None)

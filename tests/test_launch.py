@@ -215,6 +215,28 @@ def test_xpk_carries_bucket_urls_and_names_what_is_missing():
   assert out.returncode == 2 and "--workload" in out.stderr
 
 
+def test_gpu_arms_take_an_optional_training_seed():
+  """launch/gpu_curve.parse_arms: VARIANT:BATCHxSTEPS[:sSEED]; a seed becomes --config.seed and part of the arm's
+  name, a repeated arm without seeds and a malformed seed are refused, naming the item."""
+  sys.path.insert(0, os.path.join(ROOT, "launch"))
+  try:
+    import gpu_curve
+  finally:
+    sys.path.pop(0)
+  arms = gpu_curve.parse_arms("full:16x2800,full:16x2800:s1,global_actions:48x8400:s12")
+  assert [(a["name"], a["seed"]) for a in arms] == [("full_b16_s2800", None), ("full_b16_s2800_seed1", 1),
+                                                    ("global_actions_b48_s8400_seed12", 12)]
+  assert not any(o.startswith("--config.seed") for o in gpu_curve.arm_overrides(arms[0], "/ae"))
+  assert "--config.seed=1" in gpu_curve.arm_overrides(arms[1], "/ae")
+  assert "--config.data.global_batch_size=48" in gpu_curve.arm_overrides(arms[2], "/ae")
+  assert [gpu_curve.arm_label(a) for a in arms] == ["full", "full (seed 1)", "global_actions (seed 12)"]
+  with pytest.raises(SystemExit, match="an arm is named twice"):
+    gpu_curve.parse_arms("full:16x2800,full:16x2800")
+  for bad in ("full:16x2800:seed1", "full:16x2800:s1:s2", "full:16x2800:s"):
+    with pytest.raises(SystemExit, match=re.escape(f"--arms item {bad!r}: expected VARIANT:BATCHxSTEPS")):
+      gpu_curve.parse_arms(bad)
+
+
 def test_gpu_arms_run_side_by_side_and_the_deadline_cuts_the_slow_one(tmp_path):
   """launch/gpu_curve.train_arms (shared by gpu_meltingpot.py): an arm still running at the deadline gets SIGTERM
   and is marked cut; an arm that finished keeps its exit status; each arm's output goes to its own log."""
