@@ -161,6 +161,8 @@ def test_the_wheel_carries_the_configs_and_finds_them_by_name(tmp_path):
 
 
 def test_tokens_per_example_refuses_a_frame_the_tokens_do_not_tile():
+  """A 4 x 3 token frame counts 12 video tokens and the tiny recipe's 8 subject slots (one-step clips: the target
+  frame only); a frame one pixel off the token grid is refused, naming both sizes, instead of floored."""
   from ap_jax.model import config as model_config_lib
   from ap_jax.train import stages as stages_lib
   config = config_utils.load_config("tiny")
@@ -168,9 +170,7 @@ def test_tokens_per_example_refuses_a_frame_the_tokens_do_not_tile():
                            batch_keys=())
   per_side = model_config_lib.pixels_per_token(config.model)
   config.data.frame_hw = (4 * per_side, 3 * per_side)
-  frames = int(config.data.clip_steps) + 1 - (0 if config.model.dit.get("context_tokens", True) else 1)
-  subjects = int(config.model.max_players) if config.model.dit.subject_tokens else 0
-  assert stages_lib.tokens_per_example(config, stage) == frames * (12 + subjects)
+  assert stages_lib.tokens_per_example(config, stage) == 12 + 8
   config.data.frame_hw = (4 * per_side + 1, 3 * per_side)
   with pytest.raises(config_utils.ConfigError, match=rf"frames are {4 * per_side + 1} x {3 * per_side} px, not a "
                      rf"multiple of {per_side} px a token"):
