@@ -172,3 +172,24 @@ def test_rope_split_matches_wan():
   assert rope_lib.rope_split(128) == (44, 42, 42)
   with pytest.raises(ValueError, match="head_dim = 7"):
     rope_lib.rope_split(7)
+  # Five positions (t, y, x, y', x'): y and x keep their dims, y' and x' take theirs from t's.
+  assert rope_lib.rope_split(128, 5) == (12, 42, 42, 16, 16)
+  assert rope_lib.rope_split(32, 5) == (4, 10, 10, 4, 4)
+  with pytest.raises(ValueError, match="head_dim = 8, expected an even number >= 16"):
+    rope_lib.rope_split(8, 5)
+  with pytest.raises(ValueError, match="num_positions = 4"):
+    rope_lib.rope_split(32, 4)
+
+
+def test_five_position_rope_is_relative_in_both_spatial_pairs():
+  """(t, y, x, y', x'): the score is unchanged when every position moves by the same amount, and a key's second
+  spatial position (a subject's previous cell) changes the score on its own."""
+  rng = np.random.default_rng(2)
+  q = jnp.asarray(rng.normal(size=32), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 32)), jnp.float32)
+  q_pos = jnp.asarray([1.0, 3.0, 5.0, 3.0, 5.0])  # a video token: its own cell twice
+  k_pos = jnp.asarray([[1.0, 4.0, 5.0, 3.0, 5.0], [1.0, 4.0, 5.0, 4.0, 5.0], [0.0, 2.5, 7.0, 2.0, 6.5]])
+  shift = jnp.asarray([2.0, -1.25, 0.5, -1.25, 0.5])
+  np.testing.assert_allclose(_scores(q, q_pos + shift, k, k_pos + shift), _scores(q, q_pos, k, k_pos), atol=1e-4)
+  s = _scores(q, q_pos, k, k_pos)
+  assert abs(float(s[0] - s[1])) > 1e-3  # same current cell, different previous cell

@@ -72,6 +72,7 @@ SWITCHES = [
     {"previous_frame_input": True},
     {"previous_frame_input": True, "context_tokens": False},
     {"previous_frame_input": True, "context_tokens": False, "flow": {"video_target": "residual"}},
+    {"previous_frame_input": True, "context_tokens": False, "subject_rope_previous": True},
     {"state_facing": True},
     {"state_facing": True, "subject_tokens": False},
     {"scan_layers": False, "remat_policy": "full"},
@@ -332,7 +333,8 @@ def test_action_dropout_replaces_whole_clips_with_null_actions():
 
 
 @pytest.mark.parametrize("overrides", [{}, {"subject_tokens": False, "scan_layers": False},
-                                       {"previous_frame_input": True, "flow": {"video_target": "residual"}}])
+                                       {"previous_frame_input": True, "flow": {"video_target": "residual"}},
+                                       {"previous_frame_input": True, "subject_rope_previous": True}])
 def test_kv_cache_matches_one_pass(overrides):
   """Frames 0-1 with return_cache, then frame 2 from the cache, give exactly the one-pass outputs; so does a
   cache grown one frame at a time."""
@@ -535,6 +537,25 @@ def test_residual_video_target_predicts_the_frame_as_a_change_from_the_previous_
     dit.init(jax.random.key(0), small_config(flow={"video_target": "residual"}))
   with pytest.raises(ValueError, match="video_target = 'x0', expected one of"):
     dit.init(jax.random.key(0), small_config(previous_frame_input=True, flow={"video_target": "x0"}))
+
+
+def test_subject_rope_previous_rotates_a_subject_by_its_previous_cell():
+  """dit.subject_rope_previous: the previous frame's cell reaches attention as a rotary position. With the
+  previous-coordinate embedding zeroed, moving only the previous coordinates changes the outputs with the switch
+  and changes nothing without it; the switch needs the previous frame as input."""
+  def outputs(rope_previous, shift):
+    cfg = small_config(previous_frame_input=True, context_tokens=False, subject_rope_previous=rope_previous)
+    params = dit.init(jax.random.key(11), cfg)
+    params = dict(params, previous_coord_embed=jax.tree.map(jnp.zeros_like, params["previous_coord_embed"]))
+    inputs = make_inputs(cfg)
+    inputs["previous_coords"] = inputs["previous_coords"].at[..., :2].add(shift)
+    return run(cfg, params, inputs)
+
+  for key in ("video", "coords"):
+    np.testing.assert_allclose(outputs(False, 0.5)[key], outputs(False, 0.0)[key], atol=1e-6)
+    assert float(jnp.max(jnp.abs(outputs(True, 0.5)[key] - outputs(True, 0.0)[key]))) > 1e-4
+  with pytest.raises(ValueError, match="subject_rope_previous = True needs"):
+    dit.init(jax.random.key(0), small_config(subject_rope_previous=True))
 
 
 def _own_context_config(prob, max_time=0.5):

@@ -66,6 +66,7 @@ class Settings:
   masked_cross_attention: bool
   frame_wise: bool
   subject_rope: bool
+  subject_rope_previous: bool
   slot_embedding: bool
   previous_frame_input: bool
   context_tokens: bool
@@ -84,7 +85,11 @@ class Settings:
     d = config.dit
     if d.width % d.heads:
       raise ValueError(f"dit.width = {d.width} is not divisible by dit.heads = {d.heads}")
-    rope_lib.rope_split(d.width // d.heads)  # validates the head width
+    rope_previous = bool(d.get("subject_rope_previous", False))
+    if rope_previous and not (d.subject_tokens and d.previous_frame_input):
+      raise ValueError("dit.subject_rope_previous = True needs dit.subject_tokens = True and dit.previous_frame_input "
+                       "= True (it rotates each subject token by its previous frame's cell)")
+    rope_lib.rope_split(d.width // d.heads, 5 if rope_previous else 3)  # validates the head width
     if not d.context_tokens and not d.previous_frame_input:
       raise ValueError("dit.context_tokens = False needs dit.previous_frame_input = True: without context tokens the "
                        "previous frame reaches the model only as input channels")
@@ -103,7 +108,7 @@ class Settings:
         max_players=int(config.max_players), state_dims=subjects.state_dims(config),
         subject_tokens=bool(d.subject_tokens), subject_isolation=bool(d.subject_isolation),
         masked_cross_attention=bool(d.masked_cross_attention), frame_wise=bool(d.frame_wise),
-        subject_rope=bool(d.subject_rope), slot_embedding=bool(d.slot_embedding),
+        subject_rope=bool(d.subject_rope), subject_rope_previous=rope_previous, slot_embedding=bool(d.slot_embedding),
         previous_frame_input=bool(d.previous_frame_input), context_tokens=bool(d.context_tokens),
         attention_impl=str(d.attention_impl), scan_layers=bool(d.scan_layers), remat_policy=str(d.remat_policy),
         ln_grad_barrier=bool(d.get("ln_grad_barrier", False)), dtype=str(d.dtype), param_dtype=str(d.param_dtype),
@@ -180,9 +185,12 @@ class DiT(nnx.Module):
       if s.previous_frame_input:
         video = video + self.previous_embed(dit_blocks.patchify(inputs["previous_latents"], ps))
     yx = jnp.asarray(dit_blocks.token_grid(gy, gx), jnp.float32)
-    video_pos = jnp.concatenate([jnp.broadcast_to(frame_pos[:, None, None], (f, n, 1)),
-                                 jnp.broadcast_to(yx, (f, n, 2))], -1)
-    video_pos = jnp.broadcast_to(video_pos, (b, f, n, 3))
+    # subject_rope_previous: positions (t, y, x, y', x'); a video token's (y', x') is its own cell.
+    spatial = (yx, yx) if s.subject_rope_previous else (yx,)
+    num_pos = 1 + 2 * len(spatial)
+    video_pos = jnp.concatenate([jnp.broadcast_to(frame_pos[:, None, None], (f, n, 1))]
+                                + [jnp.broadcast_to(g, (f, n, 2)) for g in spatial], -1)
+    video_pos = jnp.broadcast_to(video_pos, (b, f, n, num_pos))
 
     # Time: sinusoid -> MLP -> e [B, F, C]; block modulation e0 [B, F, 6, C] (Wan2.1).
     e = self.time_embed(layers.sinusoidal_embedding(inputs["times"].astype(jnp.float32) * 1000.0, s.freq_dim))
@@ -208,6 +216,9 @@ class DiT(nnx.Module):
         subj = subj + self.slot_embed[...].astype(dtype)
       x = jnp.concatenate([video, subj], axis=2)
       subj_yx = subjects.coords_to_token_grid(coords[..., :2], (gy, gx))  # the position part of the state
+      if s.subject_rope_previous:  # ... and where the subject was: the cell it leaves, if it moves
+        previous_yx = subjects.coords_to_token_grid(inputs["previous_coords"][..., :2].astype(jnp.float32), (gy, gx))
+        subj_yx = jnp.concatenate([subj_yx, previous_yx], -1)
       if not s.subject_rope:
         subj_yx = jnp.zeros_like(subj_yx)  # no spatial rotation: angles 0 for y and x
       subj_t = jnp.broadcast_to(frame_pos[None, :, None, None], (b, f, num_slots, 1))
@@ -239,11 +250,11 @@ class DiT(nnx.Module):
         attn_lib.segment_ids(query_layout, player_mask), attn_lib.segment_ids(key_layout, player_mask))
     # Temporal-only RoPE in cross-attention: (frame, 0, 0) rotates only the t pairs.
     time_pos = lambda frames: jnp.broadcast_to(
-        jnp.stack([first - cached_frames + jnp.asarray(frames, jnp.float32)] + [jnp.zeros(len(frames))] * 2, -1),
-        (b, len(frames), 3))
+        jnp.stack([first - cached_frames + jnp.asarray(frames, jnp.float32)] + [jnp.zeros(len(frames))] * (num_pos - 1),
+                  -1), (b, len(frames), num_pos))
     angles = lambda positions: rope_lib.rope_angles(positions, head_dim, s.rope_theta)
     block_inputs = dit_blocks.BlockInputs(
-        video_tokens=n, modulation_BF6C=e0, self_angles=angles(pos.reshape(b, f * q_per_frame, 3)),
+        video_tokens=n, modulation_BF6C=e0, self_angles=angles(pos.reshape(b, f * q_per_frame, num_pos)),
         self_mask=self_mask, actions_BSC=action_tok.reshape(b, -1, width),
         cross_angles_q=angles(time_pos(query_layout.frame)), cross_angles_k=angles(time_pos(key_layout.frame)),
         cross_mask=cross_mask)
