@@ -31,6 +31,10 @@ Choices the paper leaves open (our reading):
   coordinates, and the model is exactly equivariant to slot permutations.
 - `subject_rope=False` removes only the spatial (y, x) rotation of subject tokens; the temporal one stays, so the
   ablation isolates the spatial biasing.
+- `subject_rope_previous=True` (ours, off by default): positions become (t, y, x, y', x'); a subject token's
+  (y', x') is its previous frame's cell, a video token's its own cell again. A video token then meets, by rotary
+  distance alone, the subject that leaves it as well as the one that arrives (erasing the sprite left behind is a
+  local decision), and the subject token meets its own sprite in the previous frame's input.
 - The "actions as text" baseline (subject_tokens=False): video tokens cross-attend to every player's action
   entries, each entry = action embedding + an embedding of that player's context-frame position (the task
   gives every subject's initial state; without it the baseline could not know which sprite an action is for).
