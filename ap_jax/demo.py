@@ -38,7 +38,8 @@ TINY = "tiny"  # configs/tiny.py, by name: the config shipped with the package, 
 # The paper's comparison (PAPER.md "Baselines" and "Ablations"), as overrides of the tiny denoiser config.
 VARIANTS: dict[str, list[str]] = {
     "full": [],
-    "global_actions": ["--config.model.dit.subject_tokens=false"],
+    # Without subject tokens there is no subject to rotate by its previous cell (meltingpot:tiny turns that on).
+    "global_actions": ["--config.model.dit.subject_tokens=false", "--config.model.dit.subject_rope_previous=false"],
     "no_subject_isolation": ["--config.model.dit.subject_isolation=false"],
     "no_masked_cross_attention": ["--config.model.dit.masked_cross_attention=false"],
     "frame_wise_cross_attention": ["--config.model.dit.frame_wise=true"],

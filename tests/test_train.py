@@ -646,8 +646,10 @@ def test_meltingpot_tiny_compression_sets_the_autoencoder_and_the_patch_together
     factor = 2 ** (len(mult) - 1)
     assert tuple(s // factor // patch for s in locate.frame_hw(config)) == (9, 16)
     assert config.model.flow.subject_loss_weight == 12.0 and config.model.flow.video_target == "residual"
+    assert config.model.dit.subject_rope_previous
   assert config_utils.load_config("meltingpot:tiny,autoencoder").model.flow.subject_loss_weight == 0.0
   assert config_utils.load_config("tiny").model.flow.video_target == "velocity"  # the built-in game keeps Wan's
+  assert not config_utils.load_config("tiny").model.dit.subject_rope_previous  # ... and the paper's one position
   assert (locate.generation_spec(config_utils.load_config("meltingpot:tiny,compress=4").data).content_hash()
           == locate.generation_spec(config_utils.load_config("meltingpot:tiny").data).content_hash())
   with pytest.raises(ValueError, match="compress=3: expected 2 or 4"):
