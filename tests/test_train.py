@@ -656,6 +656,21 @@ def test_meltingpot_tiny_compression_sets_the_autoencoder_and_the_patch_together
     config_utils.load_config("meltingpot:tiny,compress=3")
 
 
+@pytest.mark.parametrize("base", ["tiny", "meltingpot:tiny"])
+def test_every_comparison_variant_builds_a_denoiser_on_each_config(base):
+  """`ap-jax compare` applies each variant's overrides on top of its config: each must give a model the denoiser
+  accepts (meltingpot:tiny's previous-cell rotation needs subject tokens, so the baseline turns it off), and the
+  baseline has no subject tokens."""
+  from ap_jax import demo
+  from ap_jax.model import dit_model
+  for name, overrides in demo.VARIANTS.items():
+    config = demo._config("", overrides, base)
+    settings = dit_model.Settings.from_config(config.model)
+    assert settings.subject_tokens == (name != "global_actions"), name
+  full = dit_model.Settings.from_config(demo._config("", demo.VARIANTS["full"], base).model)
+  assert full.subject_rope_previous == (base == "meltingpot:tiny")
+
+
 def test_meltingpot_tiny_canvas_and_patch_arguments():
   """`canvas=HxW` sets the generated canvas (a new dataset), `patch=N` the denoiser's patch; a canvas whose latents
   the patch does not tile is refused, naming both."""
