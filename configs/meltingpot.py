@@ -81,8 +81,9 @@ def _tiny(arg):
     c.model.flow.video_target = "residual"
     # Each subject token is also rotated by its previous frame's cell (ours; rope.py's (t, y, x, y', x')), so the
     # video token a player leaves finds that player's token as locally as the one it arrives at: before, the
-    # sprite was drawn at its new cell and left at its old one. Validation MA 0.565 / 0.507 / 0.130 over seeds
-    # 0-2 (mean 0.401, against 0.184 for the residual alone, entry 31); the third seed did not learn the move.
+    # sprite was drawn at its new cell and left at its old one. Validation MA over seeds 0-4: 0.565 / 0.507 /
+    # 0.130 / 0.523 / 0.221 (mean 0.389, against 0.184 for the residual alone over 3); two seeds in five do not
+    # learn where the players go at this budget (entry 32).
     c.model.dit.subject_rope_previous = True
   if arg.canvas is not None:
     c.data.frame_hw = _canvas(arg.canvas)

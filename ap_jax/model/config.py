@@ -71,7 +71,8 @@ def _dit(width: int, depth: int, heads: int, mlp: int, patch_size: int):
       # The subject token is also rotated by its previous frame's cell, in rotary pairs of its own (t, y, x, y', x';
       # rope.py), so a video token finds the subject that leaves its cell as locally as the one that arrives
       # (and the subject token finds its own sprite in the previous frame). Ours, a deviation from the paper's
-      # one position; needs previous_frame_input. Video tokens sit at their own cell in both.
+      # one position; needs previous_frame_input. Video tokens sit at their own cell in both. With context tokens
+      # the window's first frame has no previous frame: its previous coordinates are zeros, the canvas centre.
       subject_rope_previous=False,
       slot_embedding=False,  # learned per-slot embedding (breaks permutation equivariance; see dit.py)
       # Each frame's video tokens also embed the previous frame's latents (as Wan2.1 image-to-video concatenates
