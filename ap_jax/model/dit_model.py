@@ -217,7 +217,7 @@ class DiT(nnx.Module):
       x = jnp.concatenate([video, subj], axis=2)
       subj_yx = subjects.coords_to_token_grid(coords[..., :2], (gy, gx))  # the position part of the state
       if s.subject_rope_previous:  # ... and where the subject was: the cell it leaves, if it moves
-        previous_yx = subjects.coords_to_token_grid(inputs["previous_coords"][..., :2].astype(jnp.float32), (gy, gx))
+        previous_yx = subjects.coords_to_token_grid(inputs["previous_coords"][..., :2], (gy, gx))
         subj_yx = jnp.concatenate([subj_yx, previous_yx], -1)
       if not s.subject_rope:
         subj_yx = jnp.zeros_like(subj_yx)  # no spatial rotation: angles 0 for y and x
