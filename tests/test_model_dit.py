@@ -483,8 +483,14 @@ def test_facing_in_the_state_is_a_unit_vector_per_orientation():
   np.testing.assert_allclose(np.asarray(inputs["coords"][..., 2:]) * mask,
                              np.asarray(dit.facing_vectors(batch["orientations"])) * mask, atol=1e-6)
   params = dit.init(jax.random.key(0), cfg)
-  loss, _ = dit.loss_fn(params, cfg, batch, jax.random.key(1))
+  loss, metrics = dit.loss_fn(params, cfg, batch, jax.random.key(1))
   assert np.isfinite(float(loss))
+  # The coordinate loss splits into the position's and the facing's shares (two entries each: their mean).
+  assert float(metrics["position_loss"]) > 0 and float(metrics["facing_loss"]) > 0
+  np.testing.assert_allclose(float(metrics["coord_loss"]),
+                             0.5 * (float(metrics["position_loss"]) + float(metrics["facing_loss"])), rtol=1e-5)
+  assert "facing_loss" not in dit.loss_fn(dit.init(jax.random.key(0), small_config()), small_config(),
+                                          _batch(small_config()), jax.random.key(1))[1]
 
 
 def test_displacement_target_predicts_the_state_relative_to_the_previous_frame():

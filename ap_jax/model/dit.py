@@ -340,7 +340,8 @@ def loss_fn(params: Params, config: ml_collections.ConfigDict, batch: dict[str, 
   """Flow-matching loss of the denoiser on one batch: (loss, metrics).
 
   Video velocity MSE over the target frames (frames >= num_context_frames) plus coord_loss_weight times the
-  coordinate velocity MSE over real players of the target frames. With flow.own_context_prob, the batch's 2-step
+  coordinate velocity MSE over real players of the target frames (with dit.state_facing, metrics also split it
+  into position_loss and facing_loss, their mean). With flow.own_context_prob, the batch's 2-step
   clips first become 1-step clips whose context is partly the model's own estimate (own_context_batch).
   """
   if config.flow.get("own_context_prob", 0.0) > 0:
@@ -363,12 +364,15 @@ def loss_fn(params: Params, config: ml_collections.ConfigDict, batch: dict[str, 
     # Frames whose coordinates are already clean (coord_time 0, possible with a lead) carry no coordinate target.
     noisy = (flow_lib.coord_time(times, config.flow.coord_time_lead) > 0).astype(jnp.float32)
     w = (frame_weight * noisy)[:, :, None] * inputs["player_mask"][:, None, :].astype(jnp.float32)
+    scale = 1.0
     if config.flow.get("coord_target", "velocity") == "displacement":  # MSE in units of the prior's spread
       scale = 1.0 / float(config.flow.coord_noise_std)
-      coord_loss = flow_lib.flow_loss(out["coords"] * scale, targets["coords"] * scale, w)
-    else:
-      coord_loss = flow_lib.flow_loss(out["coords"], targets["coords"], w)
+    pred_coords, target_coords = out["coords"] * scale, targets["coords"] * scale
+    coord_loss = flow_lib.flow_loss(pred_coords, target_coords, w)
     metrics["coord_loss"] = coord_loss
+    if pred_coords.shape[-1] > 2:  # with the facing in the state: its share and the position's, for the logs
+      metrics["position_loss"] = flow_lib.flow_loss(pred_coords[..., :2], target_coords[..., :2], w)
+      metrics["facing_loss"] = flow_lib.flow_loss(pred_coords[..., 2:], target_coords[..., 2:], w)
     loss = loss + config.flow.coord_loss_weight * coord_loss
   metrics["loss"] = loss
   return loss, metrics
