@@ -83,7 +83,8 @@ def _tiny(arg):
     # video token a player leaves finds that player's token as locally as the one it arrives at: before, the
     # sprite was drawn at its new cell and left at its old one. Validation MA over seeds 0-4: 0.565 / 0.507 /
     # 0.130 / 0.523 / 0.221 (mean 0.389, against 0.184 for the residual alone over 3); two seeds in five do not
-    # learn where the players go at this budget (entry 32).
+    # learn where the players go at this budget (entry 32); which ones changes with the machine and autoencoder (seed
+    # 2 crossed on another: 0.503). Weighting the coordinate loss 10x cost the frame and did not help (entry 33).
     c.model.dit.subject_rope_previous = True
   if arg.canvas is not None:
     c.data.frame_hw = _canvas(arg.canvas)
